@@ -1,0 +1,168 @@
+"""Feeding faces from the store to a model: batches off the memory map, preprocessing on tensors.
+
+Data loading must never be the bottleneck (benchmarks/train_throughput.py checks it):
+batches are gathered from the memory-mapped uint8 array in a background thread (numpy
+releases the GIL while copying), and resizing, augmentation and normalisation run as a
+few batched tensor ops on the model's device instead of per-image PIL transforms.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .store import FaceStore
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor        # uint8 (B, S, S, 3) RGB, on the CPU
+    age: torch.Tensor           # float (B,), NaN where unknown
+    age_std: torch.Tensor       # float (B,), NaN where unknown
+    gender: torch.Tensor        # long (B,), -1 where unknown
+    index: torch.Tensor         # long (B,), row of the store
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class Batches:
+    """Iterate over `indices` of a store in batches, optionally shuffled (seeded per epoch)
+    and sharded across distributed ranks."""
+
+    def __init__(self, store: FaceStore, indices: Sequence[int], batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1, prefetch: int = 3):
+        self.store = store
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.prefetch = prefetch
+        self.epoch = 0
+        rec = store.records
+        self._age = torch.tensor(rec["age"].to_numpy(dtype=np.float32))
+        self._age_std = torch.tensor(rec["age_std"].to_numpy(dtype=np.float32))
+        self._gender = torch.tensor(rec["gender"].to_numpy(dtype=np.int64))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        order = self.indices
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = order[rng.permutation(len(order))]
+        if self.world_size > 1:  # equal share per rank (pad by wrapping) so DDP steps stay in lockstep
+            per_rank = math.ceil(len(order) / self.world_size)
+            order = np.resize(order, per_rank * self.world_size)[self.rank::self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self.indices) if self.world_size == 1 else math.ceil(len(self.indices) / self.world_size)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _make(self, rows: np.ndarray) -> Batch:
+        rows = np.sort(rows)  # sorted reads are sequential on the memory map
+        images = torch.from_numpy(np.ascontiguousarray(self.store.images[rows]))
+        index = torch.from_numpy(rows)
+        return Batch(images, self._age[index], self._age_std[index], self._gender[index], index)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self._order()
+        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and chunks and len(chunks[-1]) < self.batch_size:
+            chunks.pop()
+        if self.prefetch <= 0:
+            for rows in chunks:
+                yield self._make(rows)
+            return
+        slots: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for rows in chunks:
+                    if stop.is_set():
+                        return
+                    slots.put(self._make(rows))
+            except BaseException as exc:  # surfaced in the consumer
+                slots.put(exc)
+                return
+            slots.put(None)
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
+        try:
+            while (item := slots.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while not slots.empty():
+                slots.get_nowait()
+
+
+@dataclass
+class Augment:
+    """Random geometric and photometric changes, applied to a whole batch at once."""
+
+    scale: tuple[float, float] = (0.85, 1.05)   # zoom (1 = the stored crop)
+    shift: float = 0.06                          # max translation, fraction of the side
+    rotate: float = 10.0                         # max rotation, degrees
+    flip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+def to_input(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], *,
+             device: str | torch.device = "cpu", augment: Augment | None = None,
+             generator: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, S, S, 3) RGB -> normalised float (B, 3, size, size) on `device`."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    if augment is not None:
+        x = _augment(x, size, augment, generator)
+    elif x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean_t) / std_t
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _augment(x: torch.Tensor, size: int, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
+    b = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(b, generator=generator).mul_(hi - lo).add_(lo).to(x.device)
+
+    if x.shape[-1] > 2 * size:  # shrink first so grid_sample does not alias badly
+        x = F.interpolate(x, size=(2 * size, 2 * size), mode="bilinear", antialias=True, align_corners=False)
+    zoom = uniform(*aug.scale)
+    angle = uniform(-aug.rotate, aug.rotate) * math.pi / 180
+    flip = torch.where(uniform(0, 1) < aug.flip, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, uniform(-aug.shift, aug.shift) * 2], 1),
+        torch.stack([sin * flip, cos, uniform(-aug.shift, aug.shift) * 2], 1),
+    ], 1)
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    sat = uniform(1 - aug.saturation, 1 + aug.saturation).view(b, 1, 1, 1)
+    x = gray + (x - gray) * sat
+    con = uniform(1 - aug.contrast, 1 + aug.contrast).view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * con + mean
+    x = x + uniform(-aug.brightness, aug.brightness).view(b, 1, 1, 1)
+    return x.clamp_(0.0, 1.0)
