@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .dlib_resnet import DLIB_MEAN, DLIB_STD, DlibResNet10, init_age_head_from_dlib, load_dlib_weights
 from .encodings import Encoding
 from .errors import AgecliError
 
@@ -27,7 +28,10 @@ class Backbone:
     name: str
     default_size: int
     family: str  # teacher-sized or student-sized, for `agecli models`
-    strip: Callable[[nn.Module], tuple[nn.Module, int]]  # removes the classifier, returns (module, feature dim)
+    strip: Callable[[nn.Module], tuple[nn.Module, int]] | None = None  # torchvision: drop the classifier
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation its pretrained weights expect
+    std: tuple[float, float, float] = IMAGENET_STD
+    pretrained: tuple[str, ...] = ("imagenet",)  # weight sets `--pretrained` accepts
 
 
 def _strip_attr(attr: str) -> Callable[[nn.Module], tuple[nn.Module, int]]:
@@ -69,6 +73,8 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("shufflenet_v2_x1_0", 224, "student", _strip_attr("fc")),
     Backbone("efficientnet_b0", 224, "student", _strip_attr("classifier")),
     Backbone("squeezenet1_1", 224, "student", _strip_squeezenet),
+    # the CC0 dlib age model (ResNet-10 trained on ~110k faces), fine-tunable; see dlib_resnet.py
+    Backbone("dlib_resnet10", 64, "teacher", None, DLIB_MEAN, DLIB_STD, ("dlib",)),
 )}
 
 ALIASES = {
@@ -80,6 +86,7 @@ ALIASES = {
     "squeezenet": "squeezenet1_1",
     "resnet": "resnet50",
     "vgg": "vgg16",
+    "dlib": "dlib_resnet10",
 }
 
 
@@ -115,19 +122,36 @@ class AgeModel(nn.Module):
 
 def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
                 pretrained: str | None = None) -> AgeModel:
-    """Build an age model; `pretrained="imagenet"` loads torchvision's default weights."""
+    """Build an age model. `pretrained`: None (from scratch), "imagenet" (torchvision's
+    default weights) or "dlib" (the CC0 age model, for dlib_resnet10)."""
     import torchvision
 
     arch = resolve_arch(arch)
+    spec = BACKBONES[arch]
+    if pretrained in ("none", "scratch"):
+        pretrained = None
+    if pretrained is not None and pretrained not in spec.pretrained:
+        raise AgecliError(f"--pretrained {pretrained!r} is not available for {arch}; it accepts "
+                          f"{', '.join(spec.pretrained)} or none. To start from a file use --init PATH.")
+    if arch == "dlib_resnet10":
+        backbone = DlibResNet10()
+        model = AgeModel(backbone, backbone.feature_dim, encoding, gender)
+        if pretrained == "dlib":
+            weight, bias = load_dlib_weights(backbone)
+            init_age_head_from_dlib(model.age_head, weight, bias)
+        return model
     weights = None
     if pretrained == "imagenet":
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         _ensure_weights_available(arch, weights)
-    elif pretrained not in (None, "none", "scratch"):
-        raise AgecliError(f"--pretrained {pretrained!r} is not known; use 'imagenet' or pass --init PATH.")
-    model = torchvision.models.get_model(arch, weights=weights)
-    backbone, dim = BACKBONES[arch].strip(model)
+    backbone, dim = spec.strip(torchvision.models.get_model(arch, weights=weights))
     return AgeModel(backbone, dim, encoding, gender)
+
+
+def default_normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a backbone's pretrained weights expect; ImageNet's for torchvision models."""
+    spec = BACKBONES[resolve_arch(arch)]
+    return spec.mean, spec.std
 
 
 def _ensure_weights_available(arch: str, weights: Any) -> None:
