@@ -1,0 +1,154 @@
+"""The prepare stage end to end: store format, splits, duplicates, resume, shards, rejects."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from agecli.errors import AgecliError
+from agecli.prepare import DEFAULTS, prepare
+from agecli.rundir import read_json
+from agecli.store import FaceStore
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def make_utkface(root: Path, n: int = 40) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)
+        cv2.imwrite(str(root / f"{i % 90 + 1}_{i % 2}_{i % 5}_2017011{i:010d}.jpg.chip.jpg"), img)
+    # byte-identical copies with conflicting labels, and the real name quirks
+    src = root / f"1_0_0_2017011{0:010d}.jpg.chip.jpg"
+    shutil.copy(src, root / "50_1_20170116174525125.jpg.chip.jpg")
+    shutil.copy(src, root / "24_0_1_20170116220224657 .jpg.chip.jpg")
+    (root / "55_0_0_20170116232725357jpg.chip.jpg").write_bytes(
+        cv2.imencode(".jpg", np.zeros((60, 60, 3), np.uint8))[1].tobytes()[:400])  # truncated
+    return root
+
+
+def _read(run: Path):
+    prep = run / "prepare"
+    return (np.load(prep / "faces.npy"), (prep / "records.csv").read_bytes(), (prep / "rejects.csv").read_bytes())
+
+
+def test_utkface_store_splits_and_duplicates(tmp_path):
+    root = make_utkface(tmp_path / "UTKFace")
+    res = prepare("utkface", root, tmp_path / "run", size=32)
+    assert res["faces_stored"] == 42 and res["rejects"] == {"truncated": 1}
+    assert res["quirks"] == {"missing_dot": 1, "missing_race": 1, "space_before_jpg": 1}
+    assert res["duplicates"] == {"groups": 1, "files": 3, "conflicting_labels": 1}
+    store = FaceStore.open(tmp_path / "run")
+    assert store.images.shape == (42, 32, 32, 3) and store.alignment.method == "resize"
+    assert store.alignment.template == "utkface_chip"
+    rec = store.records
+    assert set(rec["split"]) == {"train", "val", "test"}
+    for _, group in rec.groupby("content"):
+        assert group["split"].nunique() == 1
+    manifest = read_json(tmp_path / "run" / "prepare" / "manifest.json")
+    assert manifest["status"] == "complete" and manifest["protocol"]["kind"] == "holdout"
+    rejects = pd.read_csv(tmp_path / "run" / "prepare" / "rejects.csv")
+    assert rejects["reason"].tolist() == ["truncated"]
+    again = prepare("utkface", root, tmp_path / "run", size=32)
+    assert again["reused"] is True
+
+
+def test_resume_after_kill_and_shards_give_identical_output(tmp_path, monkeypatch):
+    monkeypatch.setitem(DEFAULTS, "chunk_none", 8)
+    root = make_utkface(tmp_path / "UTKFace", n=30)
+    clean = _read(_prepared(root, tmp_path / "clean"))
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def die(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        prepare("utkface", root, tmp_path / "killed", size=32, progress=die)
+    manifest = read_json(tmp_path / "killed" / "prepare" / "manifest.json")
+    assert manifest["status"] == "failed"
+    with pytest.raises(AgecliError, match="not complete"):
+        FaceStore.open(tmp_path / "killed")
+    resumed = prepare("utkface", root, tmp_path / "killed", size=32)
+    assert resumed["chunks_reused"] == 2 and resumed["chunks"] == 5
+    assert _same(_read(tmp_path / "killed"), clean)
+
+    part = prepare("utkface", root, tmp_path / "sharded", size=32, shard="1/2")
+    assert part["chunks"] == 3
+    prepare("utkface", root, tmp_path / "sharded", size=32, shard="2/2")
+    final = prepare("utkface", root, tmp_path / "sharded", size=32)
+    assert final["chunks_reused"] == 5
+    assert _same(_read(tmp_path / "sharded"), clean)
+    with pytest.raises(AgecliError, match="I/N"):
+        prepare("utkface", root, tmp_path / "x", shard="two")
+
+
+def _prepared(root, run):
+    prepare("utkface", root, run, size=32)
+    return run
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+def test_csv_bad_images_become_rejects(tmp_path):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "ok.jpg"), img)
+    cv2.imwrite(str(tmp_path / "grey.png"), img[..., 0])
+    cv2.imwrite(str(tmp_path / "deep.png"), img.astype(np.uint16) * 256)
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes()[:1500])
+    (tmp_path / "junk.jpg").write_bytes(b"not a picture at all")
+    (tmp_path / "labels.csv").write_text("path,age,gender\nok.jpg,30,m\ngrey.png,40,f\ndeep.png,50,\n"
+                                         "cut.jpg,20,m\njunk.jpg,20,m\n../escape.jpg,20,m\n")
+    res = prepare("csv", tmp_path / "labels.csv", tmp_path / "run", detector="none", size=24)
+    assert res["faces_stored"] == 3
+    assert res["rejects"] == {"truncated": 1, "unreadable": 1, "unsafe_path": 1}
+    store = FaceStore.open(tmp_path / "run")
+    assert sorted(store.records["path"]) == ["deep.png", "grey.png", "ok.jpg"]
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(AgecliError, match="does not exist"):
+        prepare("utkface", tmp_path / "missing", tmp_path / "run")
+    with pytest.raises(AgecliError, match="unknown dataset"):
+        prepare("imdb", tmp_path, tmp_path / "run")
+    with pytest.raises(AgecliError, match="size"):
+        prepare("utkface", tmp_path, tmp_path / "run", size=4)
+
+
+@pytest.mark.shared_data
+def test_real_utkface_subset(tmp_path):
+    root = SHARED / "utkface" / "UTKFace"
+    if not root.is_dir():
+        pytest.skip(f"UTKFace train pool not found at {root}")
+    res = prepare("utkface", root, tmp_path / "run", limit=60, size=64)
+    assert res["faces_stored"] == 60 and res["rows"] == 19010
+    assert FaceStore.open(tmp_path / "run").images.shape == (60, 64, 64, 3)
+
+
+@pytest.mark.shared_data
+def test_real_adience_sample(tmp_path):
+    root = SHARED / "adience-sample"
+    if not (root / "faces").is_dir():
+        pytest.skip(f"Adience sample not found at {root}")
+    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch is not installed")
+    res = prepare("adience", root, tmp_path / "run", size=64, workers=0)
+    assert res["rows"] == 19370 and res["faces_stored"] == 19
+    assert res["missing"] == 19370 - 19 - sum(res["rejects"].values())
+    missing = (tmp_path / "run" / "prepare" / "missing.txt").read_text().splitlines()
+    assert len(missing) == res["missing"]
+    store = FaceStore.open(tmp_path / "run")
+    assert set(store.records["fold"]) == {0} and store.alignment.method == "similarity"
