@@ -36,6 +36,7 @@ from . import FORMAT_VERSION, __version__
 from .datasets import Parsed, Reject, Sample, get_dataset
 from .errors import AgecliError
 from .labels import GROUP_NAMES
+from .progress import ProgressFn
 from .rundir import Stage, atomic_path, fingerprint_listing, read_json, runs_root, write_csv, write_text
 from .store import RECORD_COLUMNS, Alignment
 
@@ -52,7 +53,6 @@ DEFAULTS: dict[str, Any] = {
     "chunk_none": 1024,     # (int) images per chunk with --detector none
 }
 
-Progress = Callable[[int, int], None]
 
 # Adience's faces/ crops are centred on the labelled face, which spans about half the crop
 # (MTCNN boxes on the 19 sample crops: 200-320 px of ~600); used to pick the face and as
@@ -67,7 +67,7 @@ def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None
             workers: int | None = None, limit: int | None = None, shard: str | None = None,
             strict: bool = False, seed: int = 0, val_fraction: float = DEFAULTS["val_fraction"],
             test_fraction: float = DEFAULTS["test_fraction"], max_side: int = DEFAULTS["max_side"],
-            min_score: float = DEFAULTS["min_score"], progress: Progress | None = None) -> dict[str, Any]:
+            min_score: float = DEFAULTS["min_score"], progress: ProgressFn | None = None) -> dict[str, Any]:
     """Prepare `dataset` found at `root` into RUN/prepare/; returns the results dict."""
     started = time.perf_counter()
     spec = get_dataset(dataset)
@@ -144,12 +144,12 @@ def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None
         total_images = sum(len(j[2]) for j in jobs)
         done_images = sum(len(j[2]) for j in jobs if j[1].exists())
         if progress:
-            progress(done_images, total_images)
+            progress("prepare", done_images, total_images)
         n_workers = _workers(workers, detector, device, len(todo))
         for k, count in _run_chunks(todo, config, n_workers):
             done_images += count
             if progress:
-                progress(done_images, total_images)
+                progress("prepare", done_images, total_images)
 
         quirks = Counter(parsed.quirks)
         duplicates = _duplicate_report(samples, contents)

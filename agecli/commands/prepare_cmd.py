@@ -55,19 +55,10 @@ Re-running resumes: finished chunks are kept and the result is identical.""")
         kwargs = dict(size=size, margin=margin, template=template, detector=detector, device=device,
                       workers=workers, limit=limit, shard=shard, strict=strict, seed=seed,
                       val_fraction=val_fraction, test_fraction=test_fraction, max_side=max_side)
-        if quiet or as_json:
-            results = prepare(dataset, root, run, **kwargs)
-        else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+        from ..progress import rich_progress
 
-            with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), transient=True) as bar:
-                task = bar.add_task(f"prepare {dataset}", total=None)
-
-                def update(done: int, total: int) -> None:
-                    bar.update(task, completed=done, total=total)
-
-                results = prepare(dataset, root, run, progress=update, **kwargs)
+        with rich_progress(quiet or as_json) as progress:
+            results = prepare(dataset, root, run, progress=progress, **kwargs)
         if as_json:
             typer.echo(json.dumps(results, default=str))
         elif not quiet:
