@@ -117,4 +117,100 @@ def breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-__all__ = ["predict_store", "age_metrics", "group_metrics", "score", "breakdown", "ADIENCE_GROUPS"]
+__all__ = ["predict_store", "age_metrics", "group_metrics", "score", "breakdown", "evaluate", "ADIENCE_GROUPS"]
+
+
+# --------------------------------------------------------------------------- the eval stage
+def alignment_differences(model_alignment: dict[str, Any], run_alignment: dict[str, Any]) -> list[str]:
+    """Settings (method, size, margin, template) on which a checkpoint and a run disagree.
+
+    A model sees faces as they were cut out for its training; a run aligned differently
+    (another template or margin) shifts its errors, so eval warns. The crop size alone is
+    harmless: faces are resized to the model's input size.
+    """
+    diffs = []
+    for key in ("method", "template", "margin"):
+        a, b = model_alignment.get(key), run_alignment.get(key)
+        if a is not None and b is not None and a != b:
+            diffs.append(f"{key}: model {a!r} vs run {b!r}")
+    return diffs
+
+
+def _model_name(model_path) -> str:
+    from pathlib import Path
+
+    path = Path(model_path)
+    return f"{path.parent.name}-{path.stem}" if path.stem in ("best", "last") else path.stem
+
+
+def evaluate(model_path, run=None, split: str = "test", *, device: str = "cpu", batch_size: int = 256,
+             name: str | None = None, progress=None) -> dict[str, Any]:
+    """Score a checkpoint on a split of a run (`all` = every labelled face): the `agecli eval` stage.
+
+    Writes RUN/eval/<name>/predictions.csv, metrics.json and bias.csv under a stage manifest;
+    returns {"metrics", "warnings", "dir", ...}. Cross-dataset use is fine: the checkpoint's
+    alignment is compared with the run's and differences come back as warnings.
+
+    Label spaces: an age model on an Adience (groups) run is scored on the groups (its ages
+    mapped to the nearest group) as well as by MAE against group midpoints; a `groups` model
+    on an ages run is scored on the groups of the true ages (exact / 1-off), and its MAE
+    (group midpoints vs true ages) is reported with a warning.
+    """
+    from .checkpoint import load_checkpoint
+    from .errors import AgecliError
+    from .labels import group_of_age
+    from .rundir import Stage, resolve_run, write_csv, write_json
+
+    run = resolve_run(run)
+    store = FaceStore.open(run)
+    model, spec = load_checkpoint(model_path, device)
+    rec = store.records
+    has_groups = bool((rec["group"] >= 0).any())
+    if not store.has_ages and not has_groups:
+        raise AgecliError(f"run {run} has no age or group labels (dataset {store.dataset!r}): there is nothing to "
+                          f"score against. Use `agecli predict --model {model_path}` to label its faces instead.")
+    if split == "all":
+        indices = store.indices("labelled")
+    else:
+        indices = store.indices(split)
+        indices = indices[~np.isnan(rec["age"].to_numpy()[indices])]
+    if len(indices) == 0:
+        counts = rec[rec["age"].notna()].groupby("split").size().to_dict()
+        raise AgecliError(f"split {split!r} of run {run} has no labelled faces (labelled per split: {counts or 'none'}); "
+                          "choose another --split, or --split all for a run prepared from a separate test set.")
+    warnings: list[str] = []
+    diffs = alignment_differences(spec.alignment, store.alignment.to_dict())
+    if diffs:
+        warnings.append(f"the model was trained on faces aligned differently from run {run} ({'; '.join(diffs)}); "
+                        "errors may be inflated. Re-prepare the run with the model's alignment for a fair score.")
+    if store.size < spec.input_size:
+        warnings.append(f"run {run} stores {store.size}px faces but the model expects {spec.input_size}px; "
+                        "faces are upsampled.")
+    frame = predict_store(model, spec, store, indices, device=device, batch_size=batch_size, progress=progress)
+    groups_model = spec.build_encoding().support == "groups"
+    if groups_model and not has_groups:
+        frame["group"] = frame["age"].map(lambda a: group_of_age(float(a)))
+        warnings.append("a groups model on an ages run: exact/1-off use the groups of the true ages; its MAE "
+                        "compares group midpoints with exact ages.")
+    metrics = score(frame)
+    bias = breakdown(frame)
+    name = name or _model_name(model_path) + ("" if split == "test" else f"-{split}")
+    args = {"model": str(model_path), "split": split, "device": device, "batch_size": batch_size}
+    with Stage(run, "eval", name, args=args,
+               inputs={"model_fingerprint": spec.data_fingerprint, "arch": spec.arch}) as stage:
+        write_csv(stage.path("predictions.csv"), frame)
+        write_csv(stage.path("bias.csv"), bias)
+        result = {"model": str(model_path), "run": str(run), "split": split, "arch": spec.arch,
+                  "encoding": spec.encoding.get("name"), "input_size": spec.input_size, "metrics": metrics,
+                  "warnings": warnings, "dir": str(stage.dir), "trained_on": spec.provenance.get("dataset"),
+                  "cross_dataset": spec.data_fingerprint != _fingerprint(store)}
+        write_json(stage.path("metrics.json"), {**metrics, "bias": bias.to_dict(orient="records")})
+        stage.complete(results=result)
+    result["bias"] = bias.to_dict(orient="records")
+    return result
+
+
+def _fingerprint(store: FaceStore) -> str:
+    from .train import store_fingerprint
+
+    return store_fingerprint(store)

@@ -1,0 +1,178 @@
+"""The training loop and the train stage, on tiny stores (real UTKFace faces where available)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agecli.checkpoint import ModelSpec, load_checkpoint, read_checkpoint
+from agecli.encodings import build_encoding
+from agecli.errors import AgecliError
+from agecli.evaluate import predict_store, score
+from agecli.models import build_model
+from agecli.store import FaceStore
+from agecli.train import TrainOptions, fit, train
+
+from conftest import build_store, synthetic_faces
+
+FAST = dict(batch_size=32, threads=1, workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_train_on_real_faces_learns_and_writes_a_complete_stage(tiny_run):
+    options = TrainOptions(epochs=5, lr=1e-2, **FAST)
+    result = train(tiny_run, arch="mobilenet", size=32, encoding="ldae", options=options)
+    out = tiny_run / "train" / "mobilenet_v3_small"
+    assert result["dir"] == str(out)
+    for name in ("best.pt", "last.pt", "history.csv", "learning_curve.png", "metrics.json", "manifest.json",
+                 "test_predictions.csv"):
+        assert (out / name).exists(), name
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+
+    # best.pt is self-describing and beats the same network before training
+    model, spec = load_checkpoint(out / "best.pt")
+    store = FaceStore.open(tiny_run)
+    assert spec.input_size == 32 and spec.alignment["method"] == "resize"
+    assert spec.data_fingerprint.startswith("records:")
+    assert spec.metrics["epoch"] == result["best_epoch"] and "test" in spec.metrics
+    val_idx = store.indices("val")
+    trained = score(predict_store(model, spec, store, val_idx))["mae"]
+    assert trained == pytest.approx(result["val"]["mae"], abs=1e-4)
+    torch.manual_seed(0)
+    untrained = build_model("mobilenet_v3_small", build_encoding("ldae"))
+    before = score(predict_store(untrained, spec, store, val_idx))["mae"]
+    assert trained < before - 2.0, (trained, before)
+    # test metrics come from best.pt on the test split
+    test_frame = pd.read_csv(out / "test_predictions.csv")
+    assert set(test_frame["split"]) == {"test"}
+    assert result["test"]["mae"] == pytest.approx(np.abs(test_frame["age_pred"] - test_frame["age"]).mean())
+
+
+def _setup(run, seed=0):
+    store = FaceStore.open(run)
+    torch.manual_seed(seed)
+    enc = build_encoding("regression")
+    model = build_model("mobilenet_v3_small", enc)
+    spec = ModelSpec(arch="mobilenet_v3_small", encoding=enc.to_dict(), input_size=32)
+    return store, model, spec
+
+
+def test_resume_continues_exactly(synthetic_run, tmp_path):
+    options = TrainOptions(epochs=2, lr=5e-3, max_batches=2, **FAST)
+    store, model, spec = _setup(synthetic_run)
+    train_idx, val_idx = store.indices("train"), store.indices("val")[:16]
+    fit(model, spec, store, train_idx, val_idx, tmp_path / "straight", options)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_epoch_2(task, done, total):
+        if task.startswith("epoch 2"):
+            raise Interrupt
+
+    store, model, spec = _setup(synthetic_run)
+    with pytest.raises(Interrupt):
+        fit(model, spec, store, train_idx, val_idx, tmp_path / "resumed", options, progress=stop_in_epoch_2)
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["training_state"]["epoch"] == 1
+    store, model, spec = _setup(synthetic_run, seed=123)  # different init: everything must come from last.pt
+    result = fit(model, spec, store, train_idx, val_idx, tmp_path / "resumed",
+                 TrainOptions(**{**options.to_dict(), "resume": True}))
+    assert result["last_epoch"] == 2 and result["epochs_run"] == 1
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    b = read_checkpoint(tmp_path / "resumed" / "last.pt")["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ha = pd.read_csv(tmp_path / "straight" / "history.csv")
+    hb = pd.read_csv(tmp_path / "resumed" / "history.csv")
+    assert np.allclose(ha["train_loss"], hb["train_loss"]) and np.allclose(ha["val_mae"], hb["val_mae"])
+
+
+def test_nan_loss_names_epoch_batch_and_last_good_checkpoint(synthetic_run, tmp_path):
+    store, model, spec = _setup(synthetic_run)
+    enc = spec.build_encoding()
+    calls = {"n": 0}
+
+    def loss_fn(outputs, batch, x):
+        calls["n"] += 1
+        loss = enc.loss(outputs["age"], batch.age)
+        return (loss * math.nan if calls["n"] == 5 else loss), {}
+
+    with pytest.raises(AgecliError, match=r"epoch 2, batch 2/3.*last\.pt \(epoch 1\)"):
+        fit(model, spec, store, store.indices("train"), store.indices("val"), tmp_path,
+            TrainOptions(epochs=3, max_batches=3, **FAST), loss_fn=loss_fn)
+
+
+def test_custom_loss_fn_receives_labels_on_device_and_the_augmented_input(synthetic_run, tmp_path):
+    store, model, spec = _setup(synthetic_run)
+    enc = spec.build_encoding()
+    seen = []
+
+    def loss_fn(outputs, batch, x):
+        seen.append((x.shape, batch.age.shape, outputs["features"].shape[0]))
+        return enc.loss(outputs["age"], batch.age), {"custom": 1.0}
+
+    fit(model, spec, store, store.indices("train"), store.indices("val"), tmp_path,
+        TrainOptions(epochs=1, max_batches=2, **FAST), loss_fn=loss_fn)
+    assert seen == [(torch.Size([32, 3, 32, 32]), torch.Size([32]), 32)] * 2
+    assert "train_custom" in pd.read_csv(tmp_path / "history.csv")
+
+
+def test_unlabelled_and_tiny_runs_are_refused(tmp_path):
+    images, records = synthetic_faces(40, 32)
+    folder = records.assign(age=np.nan)
+    with pytest.raises(AgecliError, match="no age labels"):
+        train(build_store(tmp_path / "folder", images, folder, dataset="folder"), arch="mobilenet")
+    with pytest.raises(AgecliError, match="only .* labelled training faces"):
+        train(build_store(tmp_path / "tiny", images[:12], records.iloc[:12]), arch="mobilenet")
+    no_val = records.assign(split="train")
+    with pytest.raises(AgecliError, match="no labelled validation faces"):
+        train(build_store(tmp_path / "noval", images, no_val), arch="mobilenet")
+    with pytest.raises(AgecliError, match="unknown architecture"):
+        train(tmp_path / "noval", arch="resnet9000")
+
+
+def test_init_from_checkpoint_state_dict_and_mismatch(synthetic_run, tmp_path):
+    # a plain state dict of another architecture: a clear error, not a traceback
+    other = tmp_path / "resnet18_state.pt"
+    torch.save(build_model("resnet18", build_encoding("regression")).backbone.state_dict(), other)
+    with pytest.raises(AgecliError, match="backbone tensors match"):
+        train(synthetic_run, arch="mobilenet", init=other, options=TrainOptions(epochs=1, **FAST))
+    # an agecli checkpoint with another head: the backbone is reused, the head is new
+    first = train(synthetic_run, arch="mobilenet", size=32, encoding="regression",
+                  options=TrainOptions(epochs=1, max_batches=2, **FAST))
+    second = train(synthetic_run, arch="mobilenet", size=32, encoding="ldae", init=first["best"],
+                   options=TrainOptions(epochs=1, max_batches=2, **FAST))
+    assert second["name"] == "mobilenet_v3_small2"
+    assert second["init"]["loaded"] > 100 and any(k.startswith("age_head") for k in second["init"]["skipped"])
+    # a bare torchvision state dict (keys without "backbone.") is accepted too
+    plain = tmp_path / "mobilenet_state.pt"
+    torch.save(build_model("mobilenet", build_encoding("regression")).backbone.state_dict(), plain)
+    third = train(synthetic_run, arch="mobilenet", size=32, init=plain, options=TrainOptions(epochs=1, max_batches=1, **FAST))
+    assert third["init"]["kind"] == "state dict"
+
+
+def test_cli_train_json_and_resume(synthetic_run):
+    from typer.testing import CliRunner
+
+    from agecli.cli import app
+
+    runner = CliRunner()
+    args = ["train", "--run", str(synthetic_run), "--arch", "mobilenet", "--size", "32", "--epochs", "1",
+            "--batch-size", "32", "--max-batches", "2", "--threads", "1", "--name", "cli", "--json"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["name"] == "cli" and result["last_epoch"] == 1
+    out = runner.invoke(app, [*args[:8], "2", *args[9:], "--resume"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["last_epoch"] == 2
