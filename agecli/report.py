@@ -145,8 +145,13 @@ def write_report(run: str | os.PathLike | None = None) -> Path:
             f"{timing.get('repeats')} calls at batch {timing.get('batch_sizes', [1])[0]} after {timing.get('warmup')} "
             f"warm-up calls ({timing.get('clock')}); throughput at batch {timing.get('batch_sizes', [0])[-1]}. "
             f"Memory: {', '.join(timing.get('memory', []))}.\n\n")
+        accuracy = data.get("accuracy", "labels")
+        if accuracy != "labels":
+            lines.append(f"**No age labels on the test faces.** Accuracy: {data.get('accuracy_note', '')}. "
+                         "For the same reason there is no error-by-true-age plot and no robustness table.\n\n")
         cols = ["model", "role", "backend", "status", "input_size", "params_m", "gflops", "file_mb", "mae", "cs5",
-                "gender_acc", "latency_ms", "p95_ms", "throughput", "peak_mem_mb", "mce", "mce_rel", "error"]
+                "gender_acc", "mae_vs_reference", "latency_ms", "p95_ms", "throughput", "peak_mem_mb", "mce",
+                "mce_rel", "error"]
         rows = data.get("rows", [])
         present = [c for c in cols if any(r.get(c) is not None for r in rows)]
         lines.append(md_table(rows, present))
@@ -159,7 +164,11 @@ def write_report(run: str | os.PathLike | None = None) -> Path:
             lines.append(md_table([{"model": m, **{k: v for k, v in s.items() if not isinstance(v, dict)},
                                     **{f"{f}": v for f, v in s.get("by_family", {}).items()}}
                                    for m, s in data["robustness"].items()]))
-        lines.extend(_images(run / "bench", run))
+        if isinstance(data.get("plots"), dict):  # this bench's plots only, not stale files of an older one
+            lines.extend(f"![{Path(f).stem}](bench/{f})\n" for f in data["plots"].values()
+                         if (run / "bench" / f).exists())
+        else:
+            lines.extend(_images(run / "bench", run))
     else:
         lines.append("_not benchmarked yet (`agecli bench`)._\n")
     path = run / "report.md"

@@ -70,6 +70,7 @@ class TrainOptions:
     val_batch_size: int = 256            # faces per step when validating
     resume: bool = False                 # continue from out_dir/last.pt exactly where it stopped
     max_batches: int | None = None       # cap on steps per epoch (smoke tests, benchmarks)
+    precise_bn_batches: int = 20         # re-estimate BatchNorm statistics on this many un-augmented batches before validating
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,6 +270,8 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
             row[f"train_{key}"] = distributed.all_mean(value / max(1, seen), world, device if on_cuda else "cpu")
         row["train_images_per_s"] = seen * world.world_size / max(epoch_seconds, 1e-9)
 
+        recalibrate_batchnorm(model, store, train_idx, spec, device, options.precise_bn_batches,
+                              options.val_batch_size)
         metrics: dict[str, Any] = {}
         if world.main and len(val_idx):
             frame = predict_store(model, spec, store, val_idx, device=device, batch_size=options.val_batch_size)
@@ -323,6 +326,33 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
         "best": str(best_path),
         "last": str(last_path),
     }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, store: FaceStore, indices, spec: ModelSpec, device: str,
+                          max_batches: int, batch_size: int) -> None:
+    """Recompute BatchNorm running statistics as a plain average over un-augmented training
+    faces ("precise BN"). The exponential running average lags the weights while they
+    change fast (from scratch, short schedules, tiny data), and eval-mode predictions then
+    collapse towards a constant; a few forward passes fix that at no cost in accuracy."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or max_batches <= 0:
+        return
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    rows = np.asarray(indices, dtype=np.int64)
+    rows = rows[np.linspace(0, len(rows) - 1, num=min(len(rows), max_batches * batch_size)).astype(np.int64)]
+    for batch in Batches(store, np.unique(rows), batch_size, prefetch=0):
+        if len(batch) < 2:
+            continue
+        model(to_input(batch.images, spec.input_size, spec.mean, spec.std, device=device))
+    for m, (momentum, _) in zip(norms, saved):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def _load_training_state(path: Path, model: torch.nn.Module) -> dict[str, Any]:

@@ -128,3 +128,40 @@ def test_cli_json(bench_run):
                          capture_output=True, text=True, timeout=120)
     if not torch.cuda.is_available():
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and "CUDA" in bad.stderr
+
+
+def test_unlabelled_test_faces_bench_speed_and_agreement(tmp_path):
+    """A folder run (no age labels) is benched for size and speed; accuracy is the agreement
+    with the reference, or absent without it; corruptions (error against labels) are refused."""
+    from conftest import build_store, synthetic_faces, train_tiny_checkpoint
+
+    from agecli.bench import discover_models
+    from agecli.rundir import Stage
+
+    images, records = synthetic_faces(60, 32)
+    records.loc[records["split"] == "test", "age"] = np.nan  # train ages only teach the tiny model
+    run = build_store(tmp_path / "folder", images, records, dataset="folder")
+    with Stage(run, "distill", "student") as st:
+        train_tiny_checkpoint(run, st.path("best.pt"), size=32, epochs=1, gender=False, stage="distill")
+        (st.dir / "student.pt").write_bytes(st.path("best.pt").read_bytes())
+        st.complete()
+    assert [c.path.name for c in discover_models(run)] == ["student.pt"], "best.pt and student.pt: one model"
+
+    with pytest.raises(AgecliError, match="no age labels"):
+        bench(run, corruptions=True, report=False)
+    res = bench(run, include_reference=False, warmup=1, repeats=3, batch_sizes=(1, 4))
+    assert res["accuracy"] == "none" and "size and speed only" in res["accuracy_note"]
+    assert [r["backend"] for r in res["rows"]] == ["eager", "onnxruntime"], "default backends: no compile"
+    for r in res["rows"]:
+        assert r["status"] == "ok" and r["latency_ms"] > 0 and r["throughput"] > 0 and r["gflops"] > 0
+        assert r.get("mae") is None and r.get("mae_vs_reference") is None
+    assert not (run / "bench" / "error_by_age.png").exists()
+    assert "No age labels on the test faces" in (run / "report.md").read_text()
+
+    if HAS_REFERENCE:
+        res = bench(run, warmup=1, repeats=3, batch_sizes=(1, 4), backends=("eager",), report=False)
+        assert res["accuracy"] == "reference"
+        student = next(r for r in res["rows"] if r["model"] == "student")
+        ref = next(r for r in res["rows"] if r["model"] == "dlib-age")
+        assert 0 <= student["mae_vs_reference"] < 100 and ref.get("mae_vs_reference") is None
+        assert ref["status"] == "ok" and ref["latency_ms"] > 0

@@ -5,14 +5,15 @@ model -> bench -> report), then resumes by skipping everything."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from agecli.errors import AgecliError
 from agecli.quickstart import QUICKSTART_RECIPE, SAMPLE_DIR, SAMPLE_PHOTOS, quickstart
 from agecli.recipes import load_recipe, run_recipe
 
@@ -43,30 +44,61 @@ def test_quickstart_end_to_end(tmp_path):
             pytest.skip(f"{package} ({why}) is not installed; `make install` adds it")
     run = tmp_path / "quickstart"
     # fewer epochs and timing repeats than the real quickstart, to keep the suite quick
-    overrides = ["bench.repeats=5", "bench.warmup=2", "bench.batch_sizes=[1]"]
-    try:
-        result = quickstart(run, epochs=4, overrides=overrides)
-    except AgecliError as exc:
-        if "no age labels" in str(exc):  # the sample's faces are unlabelled
-            pytest.xfail(f"agecli.bench does not yet bench a run without test labels: {exc}")
-        raise
+    overrides = ["bench.repeats=5", "bench.warmup=2"]
+    result = quickstart(run, epochs=4, overrides=overrides)
 
     faces = pd.read_csv(run / "prepare" / "records.csv")
     assert len(faces) >= 15, "MTCNN finds the faces in the bundled group photos"
     assert set(faces["detector"]) == {"mtcnn"}
+    assert faces["age"].isna().all(), "a folder run has no labels"
+    assert (faces["split"] == "test").sum() >= 3 and (faces["split"] == "train").sum() >= 16
 
     history = pd.read_csv(run / "distill" / "student" / "history.csv")
     assert len(history) == 4
+    assert np.isfinite(history["train_loss"]).all()
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0], "the student learns the pseudo-labels"
 
-    table = result["table"]
-    assert table, "bench wrote its table"
-    names = " ".join(str(row) for row in table)
-    assert "student" in names and "dlib-age" in names, "student and CC0 reference are both benched"
-    assert result["report"] and Path(result["report"]).read_text().strip()
-    assert Path(result["student"]).exists()
+    # the student checkpoint loads by itself and predicts an age per face
+    from agecli.checkpoint import load_checkpoint
+    from agecli.data import to_input
+    from agecli.store import FaceStore
+
+    assert result["student"] == str(run / "distill" / "student" / "student.pt")
+    model, spec = load_checkpoint(result["student"])
+    assert spec.arch == "mobilenet_v3_small" and spec.input_size == 64
+    store = FaceStore.open(run)
+    x = to_input(torch.from_numpy(np.array(store.images[:2])), spec.input_size, spec.mean, spec.std)
+    with torch.inference_mode():
+        assert model(x)["age"].shape[0] == 2
+
+    # bench: unlabelled test faces -> agreement with the reference instead of MAE
+    bench = json.loads((run / "bench" / "bench.json").read_text())
+    assert bench["accuracy"] == "reference" and bench["test_faces"] == (faces["split"] == "test").sum()
+    rows = {(r["model"], r["backend"]): r for r in bench["rows"]}
+    assert set(rows) == {("student", "eager"), ("student", "onnxruntime"), ("dlib-age", "onnxruntime")}
+    for (model, backend), row in rows.items():
+        assert row["status"] == "ok", row
+        assert np.isfinite(row["latency_ms"]) and 0 < row["latency_ms"] <= row["p95_ms"]
+        assert np.isfinite(row["throughput"]) and row["throughput"] > 0
+        assert row["params_m"] > 1 and row["file_mb"] > 1
+        assert row.get("mae") is None, "no MAE without labels"
+    student = rows[("student", "eager")]
+    assert student["role"] == "student" and student["gflops"] > 0
+    assert 0 <= student["mae_vs_reference"] < 80 and student["n_test"] == bench["test_faces"]
+    assert rows[("student", "onnxruntime")]["mae_vs_reference"] == student["mae_vs_reference"]
+    assert rows[("dlib-age", "onnxruntime")]["role"] == "reference"
+    assert rows[("dlib-age", "onnxruntime")].get("mae_vs_reference") is None
+    assert (run / "bench" / "mae_vs_reference_vs_latency.png").is_file()
+    assert not (run / "bench" / "error_by_age.png").exists() and not (run / "bench" / "error_by_age.csv").exists()
+    assert [r["model"] for r in result["table"]].count("student") == 2
+
+    report = Path(result["report"])
+    assert report == run / "report.md"
+    text = report.read_text()
+    assert "student" in text and "dlib-age" in text and "mae_vs_reference" in text
+    assert "No age labels on the test faces" in text and "error_by_age" not in text
+    assert "bench/mae_vs_reference_vs_latency.png" in text
 
     again = quickstart(run, epochs=4, overrides=overrides)
     actions = {s["step"]: s["action"] for s in again["steps"]}
     assert actions["prepare"] == "skip (complete)" and actions["distill/student"] == "skip (complete)"
-    assert np.isfinite(history["train_loss"]).all()
