@@ -1,0 +1,281 @@
+"""Distillation: loss terms, the student wrapper, stores, and the distill stage end to end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agecli.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, save_checkpoint
+from agecli.data import Batch
+from agecli.distill import ConcatStore, Student, build_loss, distill, listmle, rank_accuracy
+from agecli.encodings import build_encoding, gaussian_targets
+from agecli.errors import AgecliError
+from agecli.models import build_model
+from agecli.store import FaceStore
+from agecli.teachers import TeacherOutput
+from agecli.train import TrainOptions
+
+from conftest import build_store, synthetic_faces
+
+FAST = dict(batch_size=32, threads=2, workers=2)
+
+
+def _batch(ages):
+    ages = torch.tensor(ages, dtype=torch.float32)
+    n = len(ages)
+    return Batch(torch.zeros(n, 8, 8, 3, dtype=torch.uint8), ages, torch.full((n,), float("nan")),
+                 torch.full((n,), -1), torch.arange(n))
+
+
+def _log(p):
+    return torch.log(p.clamp_min(1e-12))
+
+
+def _loss(terms, teacher: TeacherOutput | None = None, encoding="ldae", rank: TeacherOutput | None = None):
+    loss = build_loss(terms)
+    loss.encoding = build_encoding(encoding)
+    loss.teacher_feed = (lambda b, x: teacher) if teacher is not None else None
+    loss.rank_feed = (lambda b, x: rank) if rank is not None else None
+    return loss
+
+
+# --------------------------------------------------------------------------- loss terms
+def test_soft_term_vanishes_when_the_student_matches_the_teacher_and_has_gradients_otherwise():
+    z = torch.randn(6, 101) * 2
+    teacher = TeacherOutput(torch.zeros(6), torch.softmax(z, 1))
+    loss = _loss([("soft", 1.0, {"temperature": 4.0})], teacher)
+    value, parts = loss({"age": z.clone()}, _batch([20] * 6), torch.zeros(1))
+    assert float(value) == pytest.approx(0.0, abs=1e-5)
+    student = torch.zeros(6, 101, requires_grad=True)
+    value, parts = loss({"age": student}, _batch([20] * 6), torch.zeros(1))
+    assert float(value.detach()) > 0.1 and parts["soft"] == pytest.approx(float(value.detach()))
+    value.backward()
+    assert student.grad.abs().sum() > 0
+    assert "T^2 KL" in loss.formula() and loss.formula().startswith("L = 1 * soft")
+
+
+def test_soft_term_for_a_regression_student_is_l1_to_the_teacher_age():
+    teacher = TeacherOutput(torch.tensor([35.0, 55.0]), gaussian_targets(torch.tensor([35.0, 55.0]), 2.0))
+    loss = _loss([("soft", 1.0, {})], teacher, encoding="regression")
+    value, _ = loss({"age": torch.tensor([[0.0], [0.0]])}, _batch([1, 1]), torch.zeros(1))
+    assert float(value) == pytest.approx((0 + 20 / 20) / 2)
+
+
+def test_gt_and_pseudo_split_labelled_from_unlabelled_faces():
+    ages = [30.0, float("nan"), 50.0, float("nan")]
+    teacher = TeacherOutput(torch.tensor([0.0, 40.0, 0.0, 60.0]),
+                            gaussian_targets(torch.tensor([0.0, 40.0, 0.0, 60.0]), 2.0))
+    loss = _loss([("gt", 0.5, {}), ("pseudo", 1.0, {})], teacher)
+    enc = build_encoding("ldae")
+    perfect = _log(gaussian_targets(torch.tensor([30.0, 40.0, 50.0, 60.0]), 2.0))
+    value, parts = loss({"age": perfect}, _batch(ages), torch.zeros(1))
+    assert parts["gt"] == pytest.approx(0.0, abs=1e-4) and parts["pseudo"] == pytest.approx(0.0, abs=1e-4)
+    # the teacher's 0-year answers on labelled faces are ignored by pseudo
+    wrong = _log(gaussian_targets(torch.tensor([30.0, 10.0, 50.0, 10.0]), 2.0))
+    _, parts = loss({"age": wrong}, _batch(ages), torch.zeros(1))
+    assert parts["gt"] == pytest.approx(0.0, abs=1e-4) and parts["pseudo"] > 1.0
+    with pytest.raises(AgecliError, match="unknown distillation loss"):
+        build_loss([("dark", 1.0, {})])
+
+
+def test_hint_adapter_learns_the_teacher_features():
+    torch.manual_seed(0)
+    f_s = torch.randn(64, 10)
+    true_map = torch.randn(10, 4)
+    teacher = TeacherOutput(torch.zeros(64), torch.full((64, 101), 1 / 101), f_s @ true_map)
+    loss = _loss([("hint", 1.0, {"student_dim": 10, "teacher_dim": 4})], teacher)
+    opt = torch.optim.Adam(loss.parameters(), lr=0.05)
+    first = None
+    for _ in range(200):
+        value, _ = loss({"age": torch.zeros(64, 101), "features": f_s}, _batch([1] * 64), torch.zeros(1))
+        first = first if first is not None else float(value.detach())
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    assert float(value.detach()) < 0.02 * first
+
+
+def test_listmle_prefers_the_true_order_and_ordinal_term_follows_the_ranker():
+    ages = torch.tensor([10.0, 50.0, 30.0, 70.0, 20.0, 60.0, 40.0, 80.0])
+    good = listmle(ages / 10, ages, 4)
+    bad = listmle(-ages / 10, ages, 4)
+    assert float(good) < float(bad)
+    assert listmle(torch.zeros(4), torch.tensor([5.0, 5.0, 5.0, 5.0]), 4) is None  # tied sequences are skipped
+    assert rank_accuracy(ages.numpy(), ages.numpy()) == 1.0 and rank_accuracy(-ages.numpy(), ages.numpy()) == 0.0
+    assert rank_accuracy(np.zeros(8), ages.numpy()) == 0.5
+
+    ranker = TeacherOutput(ages, torch.full((8, 101), 1 / 101), torch.randn(8, 5))
+    loss = _loss([("ordinal", 1.0, {"relation": 0.0})], None, rank=ranker)
+    ordered = _log(gaussian_targets(ages, 2.0))
+    reversed_ = _log(gaussian_targets(90 - ages, 2.0))
+    v_good, _ = loss({"age": ordered, "features": torch.randn(8, 3)}, _batch([1] * 8), torch.zeros(1))
+    v_bad, _ = loss({"age": reversed_, "features": torch.randn(8, 3)}, _batch([1] * 8), torch.zeros(1))
+    assert float(v_good) < 0.1 < float(v_bad)
+
+
+# --------------------------------------------------------------------------- student wrapper, stores
+def test_student_wrapper_saves_only_the_student(tmp_path):
+    enc = build_encoding("ldae")
+    model = build_model("mobilenet_v3_small", enc)
+    loss = build_loss([("hint", 1.0, {"student_dim": 1024, "teacher_dim": 8})])
+    wrapped = Student(model, loss, layer="backbone.features.3")
+    out = wrapped(torch.rand(2, 3, 32, 32))
+    assert out["hint_source"].shape == (2, 24)
+    assert any("adapter" in n for n, _ in wrapped.named_parameters())  # the optimiser sees the adapter
+    spec = ModelSpec(arch="mobilenet_v3_small", encoding=enc.to_dict(), input_size=32)
+    save_checkpoint(tmp_path / "s.pt", wrapped, spec)
+    reloaded, _ = load_checkpoint(tmp_path / "s.pt")
+    assert set(reloaded.state_dict()) == set(model.state_dict())
+    assert set(wrapped.state_dict()) == set(model.state_dict())
+
+
+def test_concat_store_reads_rows_of_both_and_hides_the_unlabelled_labels(tmp_path):
+    a_img, a_rec = synthetic_faces(20, 16, seed=1)
+    b_img, b_rec = synthetic_faces(30, 16, seed=2)
+    a = FaceStore.open(build_store(tmp_path / "a", a_img, a_rec))
+    b = FaceStore.open(build_store(tmp_path / "b", b_img, b_rec, dataset="folder"))
+    both = ConcatStore.of(a, b)
+    assert both.images.shape == (50, 16, 16, 3)
+    rows = np.array([3, 19, 20, 49])
+    got = both.images[rows]
+    assert np.array_equal(got[:2], a_img[[3, 19]]) and np.array_equal(got[2:], b_img[[0, 29]])
+    assert both.records["age"].iloc[20:].isna().all() and (both.records["split"].iloc[20:] == "train").all()
+    assert both.records["age"].iloc[:20].notna().all()
+    alone = ConcatStore.of(None, b)  # its own val/test keep their labels, for scoring only
+    train = alone.indices("train")
+    assert alone.records["age"].iloc[train].isna().all()
+    assert alone.records["age"].iloc[alone.indices("test")].notna().all()
+
+
+# --------------------------------------------------------------------------- the stage
+def brightness_teacher(path):
+    """An ONNX teacher that reads the age off a synthetic face's brightness (synthetic_faces paints
+    pixel ~ 40 + 1.8 age): nearly an oracle there, and instant. Exposes its pooled input as features."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("GlobalAveragePool", ["images"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["pooled"]),
+             helper.make_node("Gemm", ["pooled", "W", "B"], ["age"])]
+    w = np.full((3, 1), 1 / 3 / 1.8, dtype=np.float32)
+    graph = helper.make_graph(nodes, "brightness", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                                 ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("age", TensorProto.FLOAT, ["N", 1])],
+                              initializer=[numpy_helper.from_array(w, "W"),
+                                           numpy_helper.from_array(np.array([-40 / 1.8], np.float32), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    path.with_suffix(".json").write_text(json.dumps({"input_size": 32, "mean": [0, 0, 0], "scale": 1.0,
+                                                     "output": "age", "sigma": 3.0, "features": "pooled"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_setup(tmp_path_factory):
+    """A synthetic run (age-dependent images) and a teacher that reads their age."""
+    root = tmp_path_factory.mktemp("distill")
+    images, records = synthetic_faces(240, 32, seed=0)
+    run = build_store(root / "run", images, records, dataset="synthetic")
+    return run, brightness_teacher(root / "teacher.onnx")
+
+
+def test_soft_and_hint_teach_the_student_to_agree_with_its_teacher(teacher_setup):
+    run, teacher = teacher_setup
+    # SqueezeNet has no batch norm, so a few steps already show in eval mode (MobileNet's running
+    # statistics need far more steps than a test can afford)
+    options = TrainOptions(epochs=4, lr=3e-3, augment=False, **{**FAST, "batch_size": 16})
+    result = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, method=["soft", "hint"],
+                     alpha=0.0, options=options)
+    out = run / "distill" / "squeezenet1_1_from_teacher.onnx"
+    assert result["dir"] == str(out)
+    for name in ("student.pt", "best.pt", "last.pt", "history.csv", "learning_curve.png", "metrics.json",
+                 "recipe.json", "test_predictions.csv", "manifest.json"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    history = pd.read_csv(out / "history.csv")
+    assert {"train_soft", "train_hint"} <= set(history.columns) and "train_gt" not in history.columns
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+
+    # the student learnt the teacher: it agrees with it better than a constant guess does
+    frame = pd.read_csv(out / "test_predictions.csv")
+    metrics = result["metrics"]
+    constant = float(np.abs(frame["teacher_age"] - frame["teacher_age"].mean()).mean())
+    assert metrics["agreement_mae"] == pytest.approx(float(np.abs(frame["age_pred"] - frame["teacher_age"]).mean()))
+    assert metrics["agreement_mae"] < 0.8 * constant, (metrics["agreement_mae"], constant)
+    assert metrics["teacher"]["mae"] == pytest.approx(float(np.abs(frame["teacher_age"] - frame["age"]).mean()))
+    assert metrics["speed"]["student_ms_per_face"] > 0 and metrics["speed"]["speedup"] > 0
+
+    # self-describing: teachers, method and loss in the provenance; the teacher cache is reused
+    model, spec = load_checkpoint(out / "student.pt")
+    assert spec.provenance["method"] == ["soft", "hint"]
+    assert [t["name"] for t in spec.provenance["loss"]] == ["soft", "hint"]
+    assert spec.provenance["teachers"]["path"] == str(teacher) and spec.provenance["teachers"]["kind"] == "onnx"
+    assert spec.metrics["test"]["mae"] == pytest.approx(metrics["student"]["mae"])
+    assert list((out / "teacher_cache").glob("*.probs.npy"))
+    again = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, method=["soft", "hint"], alpha=0.0,
+                    options=replace(options, resume=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher_cache"]["hit"] is True and manifest["status"] == "complete"
+    assert again["name"] == result["name"]
+
+
+def test_pseudo_ordinal_and_hint_run_with_augmented_live_teachers(teacher_setup, tmp_path):
+    run, teacher = teacher_setup
+    images, records = synthetic_faces(64, 32, seed=5)
+    records["age"] = np.nan
+    unl = build_store(tmp_path / "unl", images, records, dataset="folder")
+    options = TrainOptions(epochs=1, max_batches=2, augment=True, **FAST)
+    result = distill(run, teachers=[str(teacher)], method="pseudo", unlabelled=unl, size=32, options=options,
+                     student="squeezenet")
+    assert [t["name"] for t in read_checkpoint(result["checkpoint"])["spec"]["provenance"]["loss"]] == ["gt", "pseudo"]
+    assert "pseudo" in result["formula"] and result["metrics"]["student"]["n"] > 0
+
+    result = distill(run, teachers=[str(teacher)], method=["ordinal", "hint"], size=32, options=options, rank_epochs=1,
+                     student="squeezenet")
+    rank_dir = run / "distill" / result["name"] / "rank_teacher"
+    assert (rank_dir / "rank_teacher.pt").exists()
+    assert 0.0 <= result["metrics"]["student"]["mae"] < 200
+    spec = read_checkpoint(rank_dir / "rank_teacher.pt")["spec"]
+    assert spec["label_space"] == "rank scores" and 0.0 <= spec["metrics"]["rank_accuracy"] <= 1.0
+    assert [t["name"] for t in read_checkpoint(result["checkpoint"])["spec"]["provenance"]["loss"]] == \
+        ["gt", "soft", "ordinal", "hint"]
+
+
+def test_bad_input_is_explained(teacher_setup, tmp_path):
+    run, teacher = teacher_setup
+    images, records = synthetic_faces(40, 32, seed=3)
+    records["age"] = np.nan
+    unlabelled = build_store(tmp_path / "unl", images, records, dataset="folder")
+    opts = TrainOptions(epochs=1, **FAST)
+    with pytest.raises(AgecliError, match="no age labels and no --teacher"):
+        distill(unlabelled, teachers=[], options=opts)
+    with pytest.raises(AgecliError, match="Valid: .*mobilenet_v3_small"):
+        distill(run, teachers=[str(teacher)], student="mobilenetz", options=opts)
+    with pytest.raises(AgecliError, match="unknown method"):
+        distill(run, teachers=[str(teacher)], method="dark", options=opts)
+    with pytest.raises(AgecliError, match="needs a teacher"):
+        distill(run, teachers=[], method="soft", options=opts)
+    with pytest.raises(AgecliError, match="--unlabelled"):
+        distill(run, teachers=[str(teacher)], method="pseudo", options=opts)
+    with pytest.raises(AgecliError, match="larger than"):
+        distill(run, teachers=[str(teacher)], size=64, options=opts)
+
+
+def test_cli_distill_json(teacher_setup):
+    from typer.testing import CliRunner
+
+    from agecli.cli import app
+
+    run, teacher = teacher_setup
+    result = CliRunner().invoke(app, ["distill", "--run", str(run), "--teacher", str(teacher), "--size", "32", "--student", "squeezenet",
+                                      "--epochs", "1", "--batch-size", "32", "--no-augment", "--name", "cli",
+                                      "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["name"] == "cli" and "student" in payload["metrics"] and "agreement_mae" in payload["metrics"]
