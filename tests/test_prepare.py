@@ -69,7 +69,7 @@ def test_resume_after_kill_and_shards_give_identical_output(tmp_path, monkeypatc
 
     calls = []
 
-    def die(done, total):
+    def die(task, done, total):
         calls.append(done)
         if len(calls) == 3:
             raise Killed
