@@ -105,13 +105,15 @@ def breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     """MAE per age decade, per gender and per race: the bias table."""
     frame = frame[frame["age"].notna()].copy()
     frame["abs_err"] = (frame["age_pred"] - frame["age"]).abs()
+    frame["decade"] = (frame["age"] // 10 * 10).astype(int)
     parts = []
-    decade = (frame["age"] // 10 * 10).astype(int)
-    for key, label in ((decade.map(lambda d: f"{d}-{d + 9}"), "age"),
-                       (frame["gender"].map(lambda g: GENDER_NAMES.get(g, "unknown")), "gender"),
-                       (frame["race"].map(lambda r: RACE_NAMES.get(r, "unknown")), "race")):
-        grouped = frame.groupby(key)["abs_err"].agg(["count", "mean"]).reset_index()
+    for column, label, name in (("decade", "age", lambda d: f"{d}-{d + 9}"),
+                                ("gender", "gender", lambda g: GENDER_NAMES.get(g, "unknown")),
+                                ("race", "race", lambda r: RACE_NAMES.get(r, "unknown"))):
+        # grouped on the numeric code, so decades sort 0-9, 10-19, ..., 100-109
+        grouped = frame.groupby(column)["abs_err"].agg(["count", "mean"]).reset_index()
         grouped.columns = ["value", "n", "mae"]
+        grouped["value"] = grouped["value"].map(name)
         grouped.insert(0, "by", label)
         parts.append(grouped)
     return pd.concat(parts, ignore_index=True)
