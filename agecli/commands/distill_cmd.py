@@ -67,6 +67,7 @@ def distill_cmd(
     init: Optional[Path] = typer.Option(None, "--init", help="Start the student from a checkpoint or state dict."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of init, shuffling and augmentation."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N epochs without a better val MAE."),
     name: Optional[str] = typer.Option(None, "--name", help="Output folder name [default: <student>_from_<teacher>]."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN/distill/NAME from its last.pt."),
@@ -103,7 +104,7 @@ def distill_cmd(
         except ValueError:
             raise AgecliError(f"--teacher-weights {teacher_weights!r} must be comma-separated numbers, e.g. 2,1.") from None
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, device=device, seed=seed,
-                           patience=patience, resume=resume)
+                           threads=threads, patience=patience, resume=resume)
     with rich_progress(quiet or json_out) as progress:
         result = distill(run, teachers=teacher, student=student, method=method, size=size, encoding=encoding,
                          gender=gender, temperature=temperature, alpha=alpha, hint_weight=hint_weight,
