@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from . import emit_json
 from ..prepare import DEFAULTS
 
 
@@ -60,7 +60,7 @@ Re-running resumes: finished chunks are kept and the result is identical.""")
         with rich_progress(quiet or as_json) as progress:
             results = prepare(dataset, root, run, progress=progress, **kwargs)
         if as_json:
-            typer.echo(json.dumps(results, default=str))
+            emit_json(results)
         elif not quiet:
             _summary(results)
 
