@@ -27,13 +27,13 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import FORMAT_VERSION, __version__
-from .datasets import Parsed, Reject, Sample, get_dataset
+from . import FORMAT_VERSION
+from .datasets import Parsed, Sample, get_dataset
 from .errors import AgecliError
 from .labels import GROUP_NAMES
 from .progress import ProgressFn

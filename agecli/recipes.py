@@ -46,7 +46,7 @@ import yaml
 
 from .errors import AgecliError
 from .progress import ProgressFn, log
-from .rundir import read_json, unique_name, write_json, write_text
+from .rundir import json_default, read_json, unique_name, write_json, write_text
 
 RECIPE_FILE = "recipe.yaml"
 STATE_FILE = "recipe-state.json"
@@ -664,21 +664,9 @@ def _read_state(run: Path) -> dict[str, Any]:
 def _summarise(result: Any) -> Any:
     """Keep what a stage returned if it is plain data (for --json), else its repr."""
     try:
-        return json.loads(json.dumps(result, default=_plain))
+        return json.loads(json.dumps(result, default=json_default))
     except (TypeError, ValueError):
         return repr(result)[:200]
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    raise TypeError(type(obj).__name__)
 
 
 def bundled_recipes() -> list[Path]:

@@ -10,7 +10,7 @@ from typing import Any
 
 def emit_json(obj: Any) -> None:
     """Print one machine-readable JSON object on stdout (the `--json` contract)."""
-    from ..rundir import _json_default
+    from ..rundir import json_default
 
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
     sys.stdout.flush()
