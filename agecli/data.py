@@ -28,6 +28,9 @@ class Batch:
     age_std: torch.Tensor       # float (B,), NaN where unknown
     gender: torch.Tensor        # long (B,), -1 where unknown
     index: torch.Tensor         # long (B,), row of the store
+    # the augmented crop in [0, 1] at a size above the model's (fit's `view_size`), so a larger
+    # teacher sees the very same augmentation at its own resolution; None otherwise
+    view: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -129,11 +132,32 @@ def to_input(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequen
              device: str | torch.device = "cpu", augment: Augment | None = None,
              generator: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, S, S, 3) RGB -> normalised float (B, 3, size, size) on `device`."""
+    x = to_unit(images, size, device=device, augment=augment, generator=generator)
+    return normalise(x, mean, std, channels_last=channels_last)
+
+
+def to_unit(images: torch.Tensor, size: int, *, device: str | torch.device = "cpu", augment: Augment | None = None,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (B, S, S, 3) RGB -> float (B, 3, size, size) in [0, 1] on `device`, augmented if asked.
+
+    The augmentation draws the same random numbers whatever `size` is, so one generator state
+    gives the same crop at any resolution."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     if augment is not None:
-        x = _augment(x, size, augment, generator)
-    elif x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return _augment(x, size, augment, generator)
+    return resize(x, size)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of (B, 3, H, W) to size x size (a no-op at that size)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
+              channels_last: bool = False) -> torch.Tensor:
+    """[0, 1] float (B, 3, H, W) -> (x - mean) / std, optionally in NHWC memory order."""
     mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     x = (x - mean_t) / std_t

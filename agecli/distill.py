@@ -450,16 +450,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class LiveTeacher:
-    """Runs the teacher on the student's own augmented batch (un-normalised back to [0, 1])."""
+    """Runs the teacher on the student's own augmented batch: the crop at the teacher's
+    resolution when fit made one (`batch.view`, see `fit(view_size=...)`), else the student's
+    input un-normalised back to [0, 1]."""
 
-    def __init__(self, teacher: Teacher, mean: Sequence[float], std: Sequence[float], student_size: int):
+    def __init__(self, teacher: Teacher, mean: Sequence[float], std: Sequence[float]):
         self.teacher, self.mean, self.std = teacher, tuple(mean), tuple(std)
-        if teacher.input_size > student_size:
-            warnings.warn(f"with augmentation the teacher {teacher.name} ({teacher.input_size} px) sees the "
-                          f"student's {student_size} px augmented crop, upsampled; use --no-augment (cached "
-                          "teacher on full-size crops) or a --size of at least the teacher's.", stacklevel=2)
 
     def __call__(self, batch, x: torch.Tensor) -> TeacherOutput:
+        if getattr(batch, "view", None) is not None:
+            return self.teacher(batch.view).to(x.device)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x01 = (x.detach().float() * std + mean).clamp_(0, 1)
@@ -691,10 +691,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                 teacher_feed = table
                 stage.set(teacher_cache={"key": table.key, "hit": table.hit})
             else:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    teacher_feed = LiveTeacher(teacher, IMAGENET_MEAN, IMAGENET_STD, size)
-                notes += [str(w.message) for w in caught]
+                teacher_feed = LiveTeacher(teacher, IMAGENET_MEAN, IMAGENET_STD)
         rank_feed = None
         rank_info = None
         if "ordinal" in methods:
@@ -708,7 +705,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
             ranker.bind(store_alignment, store.size, dataset=store.dataset, recrop=recrop)
             rank_info = {"path": str(rank_path), "metrics": ranker.spec.metrics, "fingerprint": ranker.fingerprint()}
             rank_feed = (TeacherTable(ranker, store, train_idx, cache_dir, device=teacher_device, progress=progress)
-                         if feeds_cached else LiveTeacher(ranker, IMAGENET_MEAN, IMAGENET_STD, size))
+                         if feeds_cached else LiveTeacher(ranker, IMAGENET_MEAN, IMAGENET_STD))
             terms.append(("ordinal", config.ordinal_weight, {}))
         if "hint" in methods:
             probe = _probe(model, teacher, store, probe_rows, size, config.student_layer)
@@ -722,9 +719,13 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
         loss = build_loss(terms)
         loss.encoding, loss.teacher_feed, loss.rank_feed = enc, teacher_feed, rank_feed
         wrapped = Student(model, loss, layer=config.student_layer)
+        # live teachers with a larger input see the student's augmented crop at their own resolution
+        live = [f.teacher for f in (teacher_feed, rank_feed) if isinstance(f, LiveTeacher)]
+        view_size = min(store.size, max(t.input_size for t in live)) if live else None
         recipe = {"student": arch, "size": size, "encoding": enc.to_dict(), "methods": list(methods),
                   "loss": loss.to_dict(), "teacher": teacher.describe() if teacher else None, "rank_teacher": rank_info,
                   "teacher_inputs": "cached (no augmentation)" if feeds_cached else "live on the augmented batch",
+                  "view_size": view_size,
                   "warnings": notes}
         write_json(out_dir / "recipe.json", recipe)
 
@@ -736,7 +737,8 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                         "method": list(methods), "loss": loss.to_dict()["terms"],
                         "teachers": teacher.describe() if teacher else None, "rank_teacher": rank_info,
                         "args": args, "init": init_info and {k: v for k, v in init_info.items() if k != "skipped"}})
-        results = fit(wrapped, spec, store, train_idx, val_idx, out_dir, options, loss_fn=loss, progress=progress)
+        results = fit(wrapped, spec, store, train_idx, val_idx, out_dir, options, loss_fn=loss, progress=progress,
+                      view_size=view_size)
 
         # ---- scoring: student, teacher, agreement on the test split (val when there is no test)
         eval_idx, eval_split = (test_idx, "test") if len(test_idx) else (val_idx, "val")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .checkpoint import ModelSpec, load_state, save_checkpoint
-from .data import Augment, Batch, Batches, to_input
+from .data import Augment, Batch, Batches, normalise, resize, to_input, to_unit
 from .encodings import build_encoding
 from .errors import AgecliError
 from .evaluate import predict_store, score
@@ -51,7 +51,8 @@ MIN_TRAIN_FACES = 16  # fewer labelled training faces than this is a mistake, no
 class TrainOptions:
     """Every knob of the training loop, with its default. Recipes set them by name."""
 
-    epochs: int = 30                     # passes over the training split
+    epochs: int = 30                     # passes over the training split (an upper bound under time_limit)
+    time_limit: float | None = None      # minutes: shorten the schedule so training ends within it
     batch_size: int = 128                # faces per step (per process under torchrun)
     lr: float = 3e-3                     # peak learning rate, reached after warm-up
     weight_decay: float = 5e-4           # decoupled (AdamW) or L2 (SGD); not applied to norms/biases
@@ -116,18 +117,43 @@ def make_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim
     raise AgecliError(f"unknown optimizer {options.optimizer!r}; choose adamw or sgd.")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, options: TrainOptions, steps_per_epoch: int):
-    """Per-step multiplier: linear warm-up from 1% to 100%, then cosine down to 1%."""
-    total = max(1, options.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(options.warmup_epochs * steps_per_epoch)))
+class CosineSchedule:
+    """Per-step LR multiplier: linear warm-up from 1% to 100%, then cosine down to 1%.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return 0.01 + 0.99 * step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
+    A callable object rather than a closure so that LambdaLR saves its state (total and warm-up
+    steps) in last.pt, and so that `set_total` can end the cosine earlier under a time limit."""
+
+    def __init__(self, total: int, warmup: int):
+        self.total, self.warmup = max(1, total), min(max(1, total) - 1, warmup)
+
+    def set_total(self, total: int) -> None:
+        self.total = max(1, total)
+        self.warmup = min(self.warmup, self.total - 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return 0.01 + 0.99 * step / max(1, self.warmup)
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def make_scheduler(optimizer: torch.optim.Optimizer, options: TrainOptions, steps_per_epoch: int):
+    schedule = CosineSchedule(options.epochs * steps_per_epoch, int(round(options.warmup_epochs * steps_per_epoch)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def epochs_within(limit_s: float, walls: list[float], planned: int) -> int:
+    """How many epochs fit in a time limit, given the wall seconds of those done so far.
+
+    The first epoch pays for warm-up (cuDNN autotuning, caches), so the mean of the last few
+    after it predicts the rest; from the first alone we only stop if one more would not fit.
+    Never more than `planned`, never fewer than the epochs done."""
+    done, left = len(walls), limit_s - sum(walls)
+    if done == 1:
+        return done if left < walls[0] else planned
+    recent = walls[1:][-3:]
+    per_epoch = 1.05 * sum(recent) / len(recent)
+    return max(done, min(planned, done + int(left // per_epoch)))
 
 
 def _to_device(batch: Batch, device: str) -> Batch:
@@ -150,8 +176,14 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, out_dir: Path,
-        options: TrainOptions, loss_fn: LossFn | None = None, progress: ProgressFn | None = None) -> dict[str, Any]:
+        options: TrainOptions, loss_fn: LossFn | None = None, progress: ProgressFn | None = None,
+        view_size: int | None = None) -> dict[str, Any]:
     """Train `model` on store rows `train_idx`, validating on `val_idx` every epoch.
+
+    `view_size` (above the model's input size): augment at that size, hand the [0, 1] crop to
+    `loss_fn` as `batch.view` (a larger teacher sees the same crop at its resolution) and feed
+    the model that crop downsized. Under `options.time_limit` the schedule is shortened after
+    each epoch so that training ends in time, still finishing its cosine.
 
     Writes into out_dir (rank 0 only): history.csv, learning_curve.png, best.pt (lowest val
     MAE; `spec.metrics` holds its val metrics) and last.pt (with the training state, so
@@ -166,6 +198,8 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
     if options.epochs < 1 or options.batch_size < 2 or not options.lr > 0:
         raise AgecliError(f"need epochs >= 1, batch size >= 2 and lr > 0 (got {options.epochs}, "
                           f"{options.batch_size}, {options.lr}).")
+    if options.time_limit is not None and not options.time_limit > 0:
+        raise AgecliError(f"--time-limit is in minutes and must be positive (got {options.time_limit}).")
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
     if len(train_idx) == 0:
@@ -192,9 +226,12 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
     use_amp = options.amp and on_cuda
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     augment = Augment() if options.augment else None
+    view_size = view_size if view_size and augment is not None and view_size > spec.input_size else None
+    schedule: CosineSchedule = scheduler.lr_lambdas[0]
 
     history: list[dict[str, Any]] = []
     start_epoch, best_mae, best_epoch, stale = 1, math.inf, 0, 0
+    walls: list[float] = []                         # wall seconds of each epoch, for time_limit
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if options.resume and last_path.exists():
         state = _load_training_state(last_path, model)
@@ -207,6 +244,10 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
         start_epoch = int(state["epoch"]) + 1
         best_mae, best_epoch, stale = float(state["best_mae"]), int(state["best_epoch"]), int(state["stale"])
         spec.metrics = dict(state.get("best_metrics", {}))
+        walls = list(state.get("walls", []))
+        # a resumed run follows this call's --epochs (as before), within a limit's earlier cut
+        wanted = options.epochs * steps
+        schedule.set_total(min(schedule.total, wanted) if options.time_limit else wanted)
 
     net: torch.nn.Module = model
     if options.compile:
@@ -219,7 +260,10 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
     images_seen, train_seconds = 0, 0.0
     epoch = start_epoch - 1
     stopped_early = False
-    for epoch in range(start_epoch, options.epochs + 1):
+    planned = math.ceil(schedule.total / steps)   # epochs; shorter than options.epochs after a time-limit cut
+    while epoch < planned:
+        epoch += 1
+        epoch_started = time.perf_counter()
         net.train()
         train_batches.set_epoch(epoch)
         totals: dict[str, float] = {}
@@ -229,8 +273,14 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
             if step >= steps:
                 break
             batch = _to_device(batch, device)
-            x = to_input(batch.images, spec.input_size, spec.mean, spec.std, device=device, augment=augment,
-                         generator=generator, channels_last=on_cuda and options.channels_last)
+            if view_size:
+                view = to_unit(batch.images, view_size, device=device, augment=augment, generator=generator)
+                batch = replace(batch, view=view)
+                x = normalise(resize(view, spec.input_size), spec.mean, spec.std,
+                              channels_last=on_cuda and options.channels_last)
+            else:
+                x = to_input(batch.images, spec.input_size, spec.mean, spec.std, device=device, augment=augment,
+                             generator=generator, channels_last=on_cuda and options.channels_last)
             try:
                 with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
                     outputs = net(x)
@@ -259,7 +309,7 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value * n
             if progress:
-                progress(f"epoch {epoch}/{options.epochs}", step + 1, steps)
+                progress(f"epoch {epoch}/{planned}", step + 1, steps)
         if on_cuda:
             torch.cuda.synchronize()
         epoch_seconds = time.perf_counter() - t0
@@ -281,6 +331,13 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
                                                                                "gender_accuracy")})
         row["seconds"] = epoch_seconds
         history.append(row)
+        walls.append(time.perf_counter() - epoch_started)
+        if options.time_limit is not None and epoch < planned:
+            fits = epochs_within(options.time_limit * 60, walls, planned)
+            if fits < planned:
+                planned = fits
+                schedule.set_total(planned * steps)
+                row["planned_epochs"] = planned
         val_mae = metrics.get("mae", math.nan) if metrics else math.nan
         improved = bool(metrics) and (val_mae < best_mae or not math.isfinite(best_mae))
         if not len(val_idx):  # nothing to select on: the newest model is the best we know
@@ -297,7 +354,7 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
                 "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": _rng_state(generator), "history": history,
                 "best_mae": best_mae, "best_epoch": best_epoch, "stale": stale, "best_metrics": spec.metrics,
-                "options": options.to_dict(),
+                "options": options.to_dict(), "walls": walls,
             }
             save_checkpoint(last_path, model, replace(spec, metrics={"split": "val", "epoch": epoch, **metrics}),
                             training_state=state)
@@ -315,6 +372,7 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
         "epochs_run": epoch - start_epoch + 1 if epoch >= start_epoch else 0,
         "last_epoch": epoch,
         "stopped_early": stopped_early,
+        "planned_epochs": planned,
         "val": spec.metrics,
         "seconds": time.perf_counter() - started,
         "train_images_per_s": images_seen / train_seconds if train_seconds else None,

@@ -71,7 +71,6 @@ def test_gt_and_pseudo_split_labelled_from_unlabelled_faces():
     teacher = TeacherOutput(torch.tensor([0.0, 40.0, 0.0, 60.0]),
                             gaussian_targets(torch.tensor([0.0, 40.0, 0.0, 60.0]), 2.0))
     loss = _loss([("gt", 0.5, {}), ("pseudo", 1.0, {})], teacher)
-    enc = build_encoding("ldae")
     perfect = _log(gaussian_targets(torch.tensor([30.0, 40.0, 50.0, 60.0]), 2.0))
     value, parts = loss({"age": perfect}, _batch(ages), torch.zeros(1))
     assert parts["gt"] == pytest.approx(0.0, abs=1e-4) and parts["pseudo"] == pytest.approx(0.0, abs=1e-4)

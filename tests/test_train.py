@@ -176,3 +176,63 @@ def test_cli_train_json_and_resume(synthetic_run):
     out = runner.invoke(app, [*args[:8], "2", *args[9:], "--resume"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["last_epoch"] == 2
+
+
+def test_time_limit_cuts_the_schedule_and_a_generous_one_does_not(synthetic_run, tmp_path):
+    store, model, spec = _setup(synthetic_run)
+    train_idx, val_idx = store.indices("train"), store.indices("val")[:16]
+    options = TrainOptions(epochs=4, max_batches=2, time_limit=1e-5, **FAST)   # 0.6 ms: one epoch is longer
+    result = fit(model, spec, store, train_idx, val_idx, tmp_path / "cut", options)
+    assert result["planned_epochs"] == 1 and result["last_epoch"] == 1
+    assert len(pd.read_csv(tmp_path / "cut" / "history.csv")) == 1
+    state = read_checkpoint(tmp_path / "cut" / "last.pt")["training_state"]
+    assert state["scheduler"]["lr_lambdas"][0]["total"] == 2     # the cosine now ends after epoch 1's 2 steps
+
+    store, model, spec = _setup(synthetic_run)
+    result = fit(model, spec, store, train_idx, val_idx, tmp_path / "ample",
+                 TrainOptions(**{**options.to_dict(), "time_limit": 60.0, "epochs": 2}))
+    assert result["planned_epochs"] == 2 and result["last_epoch"] == 2
+
+
+def test_epochs_within_predicts_from_the_epochs_after_the_first():
+    from agecli.train import epochs_within
+
+    assert epochs_within(100.0, [30.0], 50) == 50          # one slow first epoch decides nothing yet
+    assert epochs_within(100.0, [80.0], 50) == 1           # ... unless another would not fit at all
+    # 16 s left at 2.1 s per epoch (2 s plus a 5% margin): 7 more
+    assert epochs_within(30.0, [10.0, 2.0, 2.0], 50) == 10
+    assert epochs_within(30.0, [10.0, 2.0, 2.0], 6) == 6   # never beyond the planned epochs
+    assert epochs_within(10.0, [10.0, 2.0, 2.0], 50) == 3  # over the limit: stop after the epochs done
+
+
+def test_view_size_hands_the_loss_the_same_crop_at_the_larger_size(synthetic_run, tmp_path):
+    from agecli.data import normalise, resize
+
+    store, model, spec = _setup(synthetic_run)   # 48 px store, 32 px model
+    enc = spec.build_encoding()
+    checked = []
+
+    def loss_fn(outputs, batch, x):
+        assert batch.view.shape == (32, 3, 48, 48) and 0.0 <= float(batch.view.min()) <= float(batch.view.max()) <= 1
+        expected = normalise(resize(batch.view, 32), spec.mean, spec.std)
+        checked.append(float((expected - x).abs().max()))
+        return enc.loss(outputs["age"], batch.age), {}
+
+    fit(model, spec, store, store.indices("train"), store.indices("val"), tmp_path,
+        TrainOptions(epochs=1, max_batches=2, augment=True, **FAST), loss_fn=loss_fn, view_size=48)
+    assert len(checked) == 2 and max(checked) < 1e-5
+
+
+@pytest.mark.shared_data
+def test_one_augmentation_draw_gives_the_same_crop_at_any_size():
+    from agecli.data import Augment, resize, to_unit
+    from conftest import utkface_faces
+
+    images, _ = utkface_faces(16, 128)
+    faces = torch.from_numpy(images)
+    big = to_unit(faces, 128, augment=Augment(), generator=torch.Generator().manual_seed(3))
+    small = to_unit(faces, 64, augment=Augment(), generator=torch.Generator().manual_seed(3))
+    other = to_unit(faces, 64, augment=Augment(), generator=torch.Generator().manual_seed(4))
+    same = float((resize(big, 64) - small).abs().mean())
+    different = float((other - small).abs().mean())
+    assert same < 0.02 and different > 3 * same, (same, different)

@@ -58,6 +58,8 @@ def distill_cmd(
     recrop: bool = typer.Option(True, "--recrop/--no-recrop",
                                 help="Re-crop faces to each teacher's own alignment when both are known."),
     epochs: int = typer.Option(30, "--epochs", help="Student epochs."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit",
+                                               help="Minutes: end the schedule early to finish in time."),
     batch_size: int = typer.Option(128, "--batch-size", help="Faces per step."),
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate."),
     augment: bool = typer.Option(True, "--augment/--no-augment",
@@ -103,7 +105,7 @@ def distill_cmd(
             weights = [float(w) for w in teacher_weights.split(",")]
         except ValueError:
             raise AgecliError(f"--teacher-weights {teacher_weights!r} must be comma-separated numbers, e.g. 2,1.") from None
-    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, device=device, seed=seed,
+    options = TrainOptions(epochs=epochs, time_limit=time_limit, batch_size=batch_size, lr=lr, augment=augment, device=device, seed=seed,
                            threads=threads, patience=patience, resume=resume)
     with rich_progress(quiet or json_out) as progress:
         result = distill(run, teachers=teacher, student=student, method=method, size=size, encoding=encoding,

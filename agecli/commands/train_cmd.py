@@ -41,6 +41,7 @@ Examples:
         fold: Optional[int] = typer.Option(None, help="hold out this cross-validation fold as test"),
         cv: bool = typer.Option(False, "--cv", help="train one model per official fold; per-fold and mean+-std"),
         epochs: int = typer.Option(_D.epochs, help="passes over the training split"),
+        time_limit: Optional[float] = typer.Option(None, help="minutes: end the schedule early to finish in time"),
         batch_size: int = typer.Option(_D.batch_size, help="faces per step (per process with torchrun)"),
         lr: float = typer.Option(_D.lr, help="peak learning rate (after warm-up; cosine decay)"),
         weight_decay: float = typer.Option(_D.weight_decay, help="weight decay (not on norms and biases)"),
@@ -65,7 +66,7 @@ Examples:
         from ..train import cross_validate, train
 
         options = TrainOptions(
-            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+            epochs=epochs, time_limit=time_limit, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
             warmup_epochs=warmup_epochs, clip_grad=clip_grad or None, patience=patience, device=device, amp=amp,
             compile=compile, augment=not no_augment, seed=seed, workers=workers, threads=threads, resume=resume,
             max_batches=max_batches)
