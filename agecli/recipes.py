@@ -25,6 +25,13 @@ Everything is validated against the real signatures before anything runs: an unk
 names its stage, the valid keys and the closest match. Each step is skipped when its stage
 manifest says "complete" (and its options have not changed since), so re-running a recipe
 resumes it. The recipe as given (plus `--set` overrides) is copied into the run.
+
+`only` (CLI `--step LABEL`, repeatable) runs just the named steps: a label such as
+`train/teacher`, or a section name for all of its steps; the others show as "not selected".
+`jobs` (CLI `--jobs N`) runs up to N independent steps of one section at once, each as a
+child `python -m agecli run RUN/recipe.yaml --step LABEL` logging to RUN/logs/<label>.log,
+for a GPU that one small model leaves idle. Sections still run one after another, and a
+failed step stops the run once its running siblings have finished.
 """
 
 from __future__ import annotations
@@ -35,12 +42,15 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
+import subprocess
+import sys
 import time
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -50,6 +60,8 @@ from .rundir import json_default, read_json, unique_name, write_json, write_text
 
 RECIPE_FILE = "recipe.yaml"
 STATE_FILE = "recipe-state.json"
+LOGS_DIR = "logs"                 # RUN/logs/<label>.log: the output of steps run as child processes
+NOT_SELECTED = "not selected"
 # parameters the runner supplies itself; a recipe may not set them
 RUNNER_FILLED = ("run", "progress")
 
@@ -574,29 +586,56 @@ def step_status(step: Step, run: Path, state: dict[str, Any]) -> str:
     return "complete"
 
 
-def describe_plan(steps: list[Step], run: Path, root) -> list[dict[str, Any]]:
+def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None = None) -> list[dict[str, Any]]:
+    """One row per step saying what a run would do with it (`selected`: the labels to run, None = all)."""
     state = _read_state(run)
     rows = []
     for step in steps:
-        status = step_status(step, run, state)
-        action = {"complete": "skip (complete)", "partial": "resume", "new": "run",
-                  "changed": "refuse (options changed)"}[status]
+        if selected is not None and step.label not in selected:
+            action = NOT_SELECTED
+        else:
+            action = {"complete": "skip (complete)", "partial": "resume", "new": "run",
+                      "changed": "refuse (options changed)"}[step_status(step, run, state)]
         rows.append({"step": step.label, "call": STAGE_KINDS[step.section].target(), "action": action,
                      "options": step.kwargs})
     return rows
 
 
+def select_steps(steps: list[Step], only: Sequence[str] | None) -> set[str] | None:
+    """The labels `only` names (a step label, or a section meaning all of its steps); None = all."""
+    if only is None:
+        return None
+    labels = [step.label for step in steps]
+    sections = list(dict.fromkeys(step.section for step in steps))
+    unknown = [name for name in only if name not in labels and name not in sections]
+    if unknown:
+        raise AgecliError(
+            f"--step {', '.join(unknown)}: no such step in this recipe"
+            f"{_did_you_mean(unknown[0], labels + sections)}. Steps: {', '.join(labels)} "
+            f"(or a whole section: {', '.join(sections)}).")
+    return {step.label for step in steps if step.label in only or step.section in only}
+
+
 def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, *, dry_run: bool = False,
-               progress: ProgressFn | None = None, quiet: bool = True) -> dict[str, Any]:
+               progress: ProgressFn | None = None, quiet: bool = True, jobs: int = 1,
+               only: Sequence[str] | None = None, record_state: bool = True) -> dict[str, Any]:
     """Validate the whole recipe, then run its steps in order, skipping completed ones.
 
-    Returns {"run", "recipe", "dry_run", "steps": [{step, action, seconds, results}]}.
+    `only`: step labels (`train/teacher`) or section names to run; the rest are left out.
+    `jobs`: run up to this many steps of one section at once, as child processes (1 = all
+    in this process). `record_state=False` leaves RUN/recipe-state.json alone (a child's
+    parent records it).
+
+    Returns {"run", "recipe", "dry_run", "steps": [{step, action, seconds, results}]};
+    a step run as a child has results {"log": its log file}.
     """
     run = Path(run)
+    if jobs < 1:
+        raise AgecliError(f"--jobs {jobs}: give 1 or more steps to run at once.")
     if root is not None and not Path(root).exists():
         raise AgecliError(f"--root {root} does not exist; point it at the dataset folder.")
     steps = plan(recipe, run, root)
-    rows = describe_plan(steps, run, root)
+    rows = describe_plan(steps, run, root, select_steps(steps, only))
     refused = [r["step"] for r in rows if r["action"].startswith("refuse")]
     if refused:
         raise AgecliError(
@@ -609,21 +648,136 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
     run.mkdir(parents=True, exist_ok=True)
     _copy_recipe(recipe, run)
     state = _read_state(run)
-    for step, row in zip(steps, rows):
-        if row["action"].startswith("skip"):
-            log(f"[dim]{step.label}: complete, skipped[/]", quiet)
+
+    def record(step: Step, seconds: float) -> None:
+        if record_state:
+            state.setdefault("steps", {})[step.label] = {"fingerprint": step.fingerprint(), "seconds": seconds}
+            write_json(run / STATE_FILE, state)
+
+    for section_steps in _by_section(list(zip(steps, rows))):
+        runnable = []
+        for step, row in section_steps:
+            if row["action"].startswith("skip"):
+                log(f"[dim]{step.label}: complete, skipped[/]", quiet)
+            elif row["action"] != NOT_SELECTED:
+                runnable.append((step, row))
+        if jobs > 1 and len(runnable) > 1:
+            _run_in_children(runnable, run, root, jobs, record, quiet)
             continue
-        log(f"[bold]{step.label}[/]: {row['call']}", quiet)
-        if row["action"] == "resume":
-            _prepare_resume(step, run, quiet)
-        func, kwargs = call_arguments(step, run, root, progress)
-        started = time.perf_counter()
-        result = func(**kwargs)
-        row["seconds"] = round(time.perf_counter() - started, 2)
-        row["results"] = _summarise(result)
-        state.setdefault("steps", {})[step.label] = {"fingerprint": step.fingerprint(), "seconds": row["seconds"]}
-        write_json(run / STATE_FILE, state)
+        for step, row in runnable:
+            log(f"[bold]{step.label}[/]: {row['call']}", quiet)
+            if row["action"] == "resume":
+                _prepare_resume(step, run, quiet)
+            func, kwargs = call_arguments(step, run, root, progress)
+            started = time.perf_counter()
+            result = func(**kwargs)
+            row["seconds"] = round(time.perf_counter() - started, 2)
+            row["results"] = _summarise(result)
+            record(step, row["seconds"])
     return out
+
+
+def _by_section(pairs: list[tuple[Step, dict[str, Any]]]) -> list[list[tuple[Step, dict[str, Any]]]]:
+    """Consecutive steps of the same section, in order (steps are planned section by section)."""
+    groups: list[list[tuple[Step, dict[str, Any]]]] = []
+    for pair in pairs:
+        if groups and groups[-1][0][0].section == pair[0].section:
+            groups[-1].append(pair)
+        else:
+            groups.append([pair])
+    return groups
+
+
+@dataclass
+class _Child:
+    step: Step
+    row: dict[str, Any]
+    log_path: Path
+    process: subprocess.Popen
+    log_file: typing.IO[str]
+    started: float
+
+
+def child_command(step: Step, run: Path, root) -> list[str]:
+    """`agecli run` on the run's own copy of the recipe (overrides already applied) for one step."""
+    command = [sys.executable, "-m", "agecli", "run", str(run / RECIPE_FILE), "--run", str(run),
+               "--step", step.label, "--quiet", "--no-state"]
+    return command + (["--root", str(root)] if root is not None else [])
+
+
+def _child_env(jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # N children each using every core would oversubscribe the CPU (data loading, CPU-side ops)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    # rich wraps output to a file at 80 columns; a log reads (and greps) better unwrapped
+    env.setdefault("COLUMNS", "200")
+    # the children import the same agecli as this process, installed or not
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run_in_children(runnable: list[tuple[Step, dict[str, Any]]], run: Path, root, jobs: int,
+                     record: Callable[[Step, float], None], quiet: bool) -> None:
+    """Run one section's steps up to `jobs` at a time as child processes. After a failure no
+    new step starts, the running ones finish (and are recorded), then AgecliError says why."""
+    logs = run / LOGS_DIR
+    logs.mkdir(parents=True, exist_ok=True)
+    env = _child_env(jobs)
+    waiting = list(runnable)
+    running: list[_Child] = []
+    failed: list[_Child] = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs and not failed:
+                step, row = waiting.pop(0)
+                log_path = logs / (step.label.replace("/", "__") + ".log")
+                log_file = open(log_path, "w", encoding="utf-8")
+                process = subprocess.Popen(child_command(step, run, root), stdout=log_file,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                log(f"[bold]{step.label}[/]: {row['call']} (process {process.pid}, log {log_path})", quiet)
+                running.append(_Child(step, row, log_path, process, log_file, time.perf_counter()))
+            time.sleep(0.2)
+            for child in [c for c in running if c.process.poll() is not None]:
+                running.remove(child)
+                child.log_file.close()
+                seconds = round(time.perf_counter() - child.started, 2)
+                if child.process.returncode == 0:
+                    child.row["seconds"] = seconds
+                    child.row["results"] = {"log": str(child.log_path)}
+                    record(child.step, seconds)
+                    log(f"[dim]{child.step.label}: done in {seconds} s[/]", quiet)
+                else:
+                    failed.append(child)
+                    log(f"[red]{child.step.label}: failed (exit code {child.process.returncode}), "
+                        f"see {child.log_path}[/]", quiet)
+    finally:
+        for child in running:  # interrupted: do not leave children training unattended
+            child.process.terminate()
+            child.process.wait()
+            child.log_file.close()
+    if failed:
+        raise AgecliError(_failure_message(failed, [step.label for step, _ in waiting]))
+
+
+def _failure_message(failed: list[_Child], not_started: list[str]) -> str:
+    parts = [f"step(s) {', '.join(c.step.label for c in failed)} failed; no later section was started."]
+    for child in failed:
+        parts.append(f"\n{child.step.label} exited with code {child.process.returncode}; log: {child.log_path}")
+        tail = _last_lines(child.log_path, 15)
+        parts.extend(f"  | {line}" for line in tail)
+    if not_started:
+        parts.append(f"\nnot started: {', '.join(not_started)}.")
+    parts.append("\nSteps that finished are recorded; fix the failure and re-run the same command to continue.")
+    return "\n".join(parts)
+
+
+def _last_lines(path: Path, count: int) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if line.strip()][-count:]
 
 
 def _prepare_resume(step: Step, run: Path, quiet: bool) -> None:
@@ -644,6 +798,8 @@ def _prepare_resume(step: Step, run: Path, quiet: bool) -> None:
 
 
 def _copy_recipe(recipe: Recipe, run: Path) -> None:
+    if recipe.path is not None and recipe.path.resolve() == (run / RECIPE_FILE).resolve() and not recipe.overrides:
+        return  # the run's own copy (a child step, or a re-run from it): already there as is
     header = ""
     if recipe.path is not None:
         header += f"# copied by `agecli run` from {recipe.path}\n"

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from agecli.errors import AgecliError
 from agecli.recipes import STAGE_KINDS, apply_override, load_recipe, parse_recipe, plan, run_recipe, Recipe
@@ -160,3 +159,112 @@ def test_cli_dry_run_json_and_error_exit_code(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert err.returncode == 2
     assert "unknown key 'lr_max'" in err.stderr and "Traceback" not in err.stderr
+
+
+# --------------------------------------------------------------------------- --step and --jobs
+TWO_TRAIN_STEPS = """# two independent tiny models
+train:
+  - &tiny {name: a, arch: mobilenet_v3_small, size: 32, encoding: regression, epochs: 1, batch_size: 32,
+           max_batches: 2, workers: 0, threads: 1, augment: false, precise_bn_batches: 1, val_batch_size: 128}
+  - {<<: *tiny, name: b, seed: 1}
+report: {}
+"""
+
+
+def actions(result: dict) -> dict[str, str]:
+    return {row["step"]: row["action"] for row in result["steps"]}
+
+
+def test_only_selects_steps_and_unknown_labels_are_named(tmp_path):
+    recipe = _recipe(TWO_TRAIN_STEPS, tmp_path)
+    run = tmp_path / "run"
+    picked = run_recipe(recipe, run, dry_run=True, only=["train/b"])
+    assert actions(picked) == {"train/a": "not selected", "train/b": "run", "report": "not selected"}
+    section = run_recipe(recipe, run, dry_run=True, only=["train"])
+    assert actions(section) == {"train/a": "run", "train/b": "run", "report": "not selected"}
+    both = run_recipe(recipe, run, dry_run=True, only=["report", "train/a"])
+    assert actions(both) == {"train/a": "run", "train/b": "not selected", "report": "run"}
+
+    with pytest.raises(AgecliError) as info:
+        run_recipe(recipe, run, dry_run=True, only=["train/c", "train/a"])
+    message = str(info.value)
+    assert "train/c" in message and "no such step" in message
+    assert "Steps: train/a, train/b, report" in message and "section: train, report" in message
+    assert not run.exists()
+
+    # not selected means not run: only the report is written (train has nothing to do with it)
+    build_store(run, *synthetic_faces(60, 32))
+    result = run_recipe(recipe, run, only=["report"])
+    assert actions(result)["train/a"] == "not selected" and "seconds" not in result["steps"][0]
+    assert (run / "report.md").exists() and not (run / "train").exists()
+    assert set(json.loads((run / "recipe-state.json").read_text())["steps"]) == {"report"}
+
+
+def test_cli_step_and_jobs_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from agecli.cli import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(TWO_TRAIN_STEPS)
+    args = ["run", str(path), "--run", str(tmp_path / "run"), "--dry-run", "--json"]
+    out = CliRunner().invoke(app, [*args, "--step", "train/a", "--step", "report", "--jobs", "2"])
+    assert out.exit_code == 0, out.output
+    rows = {r["step"]: r["action"] for r in json.loads(out.stdout)["steps"]}
+    assert rows == {"train/a": "run", "train/b": "not selected", "report": "run"}
+    bad = CliRunner().invoke(app, [*args, "--jobs", "0"])
+    assert bad.exit_code != 0
+
+
+@pytest.mark.slow
+def test_jobs_runs_a_section_in_child_processes_records_and_skips(tmp_path):
+    """Two tiny train steps at once (each a `python -m agecli` child), then the report in-process."""
+    run = build_store(tmp_path / "run", *synthetic_faces(160, 32), dataset="synthetic")
+    recipe = _recipe(TWO_TRAIN_STEPS, tmp_path)
+    # an interrupted step with nothing to resume from: its child moves it aside and starts again
+    (run / "train" / "a").mkdir(parents=True)
+    (run / "train" / "a" / "manifest.json").write_text('{"status": "running"}')
+    result = run_recipe(recipe, run, jobs=2)
+    rows = {r["step"]: r for r in result["steps"]}
+    assert rows["train/a"]["action"] == "resume" and (run / "train" / "a-unfinished").is_dir()
+    for name in ("a", "b"):
+        manifest = json.loads((run / "train" / name / "manifest.json").read_text())
+        assert manifest["status"] == "complete"
+        assert manifest["args"]["options"]["max_batches"] == 2
+        assert (run / "train" / name / "best.pt").exists()
+        log_path = run / "logs" / f"train__{name}.log"
+        assert log_path.exists()
+        assert rows[f"train/{name}"]["results"] == {"log": str(log_path)}
+        assert rows[f"train/{name}"]["seconds"] > 0
+    assert (run / "report.md").exists()
+    state = json.loads((run / "recipe-state.json").read_text())["steps"]
+    assert set(state) == {"train/a", "train/b", "report"}
+    assert all(entry["fingerprint"] and entry["seconds"] > 0 for entry in state.values())
+    # children read the run's own copy of the recipe and leave it as the parent wrote it
+    assert (run / "recipe.yaml").read_text().count("# copied by `agecli run`") == 1
+
+    logs_written = {p.name: p.stat().st_mtime_ns for p in (run / "logs").iterdir()}
+    again = run_recipe(load_recipe(tmp_path / "r.yaml"), run, jobs=2)
+    # the report has no stage manifest, so it always runs again (as without --jobs)
+    assert [r["action"] for r in again["steps"]] == ["skip (complete)", "skip (complete)", "run"]
+    assert not any("seconds" in r for r in again["steps"][:2])
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "logs").iterdir()} == logs_written, "no child started"
+
+
+@pytest.mark.slow
+def test_a_failing_child_is_named_with_its_log_and_its_sibling_still_completes(tmp_path):
+    run = build_store(tmp_path / "run", *synthetic_faces(160, 32), dataset="synthetic")
+    # a missing --init passes validation and fails only when the stage runs
+    text = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1, init: '{run}/missing.pt'}")
+    with pytest.raises(AgecliError) as info:
+        run_recipe(_recipe(text, tmp_path), run, jobs=2)
+    message = str(info.value)
+    log_path = run / "logs" / "train__b.log"
+    assert "train/b exited with code 2" in message
+    assert f"log: {log_path}" in message
+    assert "missing.pt does not exist" in message  # the tail of the child's log
+    assert "train/a" not in message.split("\n", 1)[0]
+    assert json.loads((run / "train" / "a" / "manifest.json").read_text())["status"] == "complete"
+    state = json.loads((run / "recipe-state.json").read_text())["steps"]
+    assert set(state) == {"train/a"}, "the sibling is recorded, the failed step is not"
+    assert not (run / "report.md").exists(), "a later section does not start after a failure"

@@ -26,12 +26,24 @@ def run_cmd(
                                              "(ENTRY: a name or index), or section.key=v for every entry."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan and per-step results as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or status lines."),
+    jobs: int = typer.Option(1, "--jobs", min=1, metavar="N",
+                             help="Run up to N steps of one section at once, each as a child process logging to "
+                                  "RUN/logs/ (for a GPU one small model leaves idle)."),
+    only: list[str] = typer.Option([], "--step", metavar="LABEL",
+                                   help="Run only this step (e.g. train/teacher) or section (e.g. train); repeatable."),
+    no_state: bool = typer.Option(False, "--no-state", hidden=True,
+                                  help="Do not write RUN/recipe-state.json (a --jobs child; its parent records it)."),
 ) -> None:
     """Run every stage of a recipe (prepare, train, cross_validate, distill, eval, bench, report) into one run directory.
 
     A recipe's keys are exactly the keyword arguments of the stages' library functions; all of
     them are checked before anything runs. Completed steps are skipped, so re-running a recipe
     resumes it. The recipe is copied into the run as recipe.yaml.
+
+    --step picks steps to run (the rest show as "not selected"). --jobs N runs the steps of
+    each section N at a time as `python -m agecli run RUN/recipe.yaml --step LABEL`, each logging
+    to RUN/logs/LABEL.log; sections still run in order, and a failure stops the run after the
+    running steps of its section finish.
 
     Examples:
 
@@ -40,17 +52,21 @@ def run_cmd(
       agecli run adience --root ~/data/adience --dry-run
 
       agecli run utkface --root DATA --run runs/try --set prepare.limit=500 --set train.epochs=1
+
+      agecli run utkface --root DATA --step train --jobs 3 --set train.device=cuda
     """
     from ..progress import rich_progress
     from ..recipes import load_recipe, run_recipe
 
     loaded = load_recipe(recipe, overrides)
     run_dir = run or Path("runs") / (loaded.path.stem if loaded.path else "recipe")
+    selection = only or None
     if dry_run:
-        result = run_recipe(loaded, run_dir, root, dry_run=True)
+        result = run_recipe(loaded, run_dir, root, dry_run=True, only=selection)
     else:
         with rich_progress(quiet or json_out) as progress:
-            result = run_recipe(loaded, run_dir, root, progress=progress, quiet=quiet or json_out)
+            result = run_recipe(loaded, run_dir, root, progress=progress, quiet=quiet or json_out, jobs=jobs,
+                                only=selection, record_state=not no_state)
     if json_out:
         emit_json(result)
         return
