@@ -468,12 +468,17 @@ class LiveTeacher:
 
 # =========================================================================== ranking teacher
 def listmle(scores: torch.Tensor, ages: torch.Tensor, k: int) -> torch.Tensor | None:
-    """ListMLE over the batch cut into sequences of k faces (the batch is already shuffled);
-    sequences with tied ages are skipped. Higher score = older."""
+    """ListMLE over the batch cut into random sequences of k faces; sequences with tied ages are
+    skipped. Higher score = older.
+
+    The rows are shuffled here because a batch arrives sorted by store row (sequential reads),
+    and UTKFace rows are sorted by file name, which starts with the age: consecutive faces
+    would form nearly sorted, mostly tied sequences."""
     n = (len(scores) // k) * k
     if n == 0:
         return None
-    s, a = scores[:n].float().view(-1, k), ages[:n].float().view(-1, k)
+    perm = torch.randperm(len(scores), device=scores.device)[:n]
+    s, a = scores[perm].float().view(-1, k), ages[perm].float().view(-1, k)
     order = torch.argsort(a, dim=1, descending=True)
     a_sorted = torch.gather(a, 1, order)
     distinct = (a_sorted[:, :-1] > a_sorted[:, 1:]).all(1)
