@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 
 from .errors import AgecliError
-from .rundir import Stage, environment, fingerprint_file, resolve_run, write_csv, write_json
+from .rundir import Stage, environment, fingerprint_file, read_json, resolve_run, write_csv, write_json
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 DEFAULT_BACKENDS = ("eager", "onnxruntime")   # compile: on request (minutes to compile on CPU)
@@ -76,16 +76,34 @@ ACCURACY_NOTES = {
 @dataclass
 class Candidate:
     name: str
-    role: str              # teacher | student | reference | model
+    role: str              # teacher | baseline | student | reference | model
     path: Path | None      # None for the reference model
 
 
+def distilled_teachers(run: Path) -> set[str]:
+    """Names of the run's train stages that some distill stage used as a teacher."""
+    names = set()
+    for manifest in (run / "distill").glob("*/manifest.json"):
+        try:
+            teachers = read_json(manifest).get("args", {}).get("teachers") or []
+        except AgecliError:
+            continue
+        for ref in teachers:
+            parts = Path(str(ref)).parts
+            if len(parts) >= 3 and parts[-3] == "train":   # .../train/NAME/best.pt, whatever the run's path
+                names.add(parts[-2])
+    return names
+
+
 def discover_models(run: Path) -> list[Candidate]:
-    """Every finished checkpoint of a run: train stages' best.pt (teachers), distill stages' *.pt
-    (students: student.pt, or best.pt where there is no student.pt; never last.pt)."""
+    """Every finished checkpoint of a run: train stages' best.pt (a teacher when a distill stage
+    used it, else a baseline), distill stages' *.pt (students: student.pt, or best.pt where there
+    is no student.pt; never last.pt)."""
     found: list[Candidate] = []
+    teachers = distilled_teachers(run)
     for best in sorted((run / "train").glob("*/best.pt")):
-        found.append(Candidate(f"{best.parent.name}", "teacher", best))
+        name = best.parent.name
+        found.append(Candidate(name, "teacher" if name in teachers else "baseline", best))
     for ckpt in sorted((run / "distill").glob("*/*.pt")):
         if ckpt.name in ("last.pt",) or ckpt.name.startswith("."):
             continue
@@ -101,7 +119,9 @@ def _role_of(path: Path, run: Path) -> str:
         rel = path.resolve().relative_to(run.resolve())
     except ValueError:
         return "model"
-    return {"train": "teacher", "distill": "student"}.get(rel.parts[0], "model")
+    if rel.parts[0] == "train" and len(rel.parts) > 1:
+        return "teacher" if rel.parts[1] in distilled_teachers(run) else "baseline"
+    return {"distill": "student"}.get(rel.parts[0], "model")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -621,7 +641,7 @@ def _plots(out: Path, table: pd.DataFrame, by_age: pd.DataFrame | None, corr: pd
     if len(ok):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         markers = {"eager": "o", "compile": "s", "onnxruntime": "^"}
-        colors = {"teacher": "tab:red", "student": "tab:blue", "reference": "tab:gray", "model": "tab:green"}
+        colors = {"teacher": "tab:red", "baseline": "tab:orange", "student": "tab:blue", "reference": "tab:gray", "model": "tab:green"}
         pts = list(zip(ok["latency_ms"], ok[metric]))
         for (_, r), (x, y) in zip(ok.iterrows(), pts):
             ax.scatter(x, y, marker=markers.get(r["backend"], "o"), color=colors.get(r["role"], "k"), s=40)

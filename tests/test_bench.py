@@ -36,7 +36,9 @@ def test_table_rows_and_files(results, bench_run):
         assert 0 < r["mae"] < 80 and 0 <= r["cs5"] <= 1
     teacher = rows[("mobilenet_v3_small", "eager")]
     assert teacher["role"] == "teacher" and teacher["gflops"] > 0 and teacher["params_m"] > 0.5
-    assert rows[("shufflenet", "eager")]["role"] == "student"
+    assert rows[("shufflenet", "eager")]["role"] == "student" and rows[("scratch", "eager")]["role"] == "baseline"
+    # speed-ups pair students with their teachers, not with baselines
+    assert {s["teacher"] for s in results["speedups"]} <= {"mobilenet_v3_small", "dlib-age"}
     assert rows[("mobilenet_v3_small", "onnxruntime")]["parity_max_abs"] < 0.01
     out = bench_run / "bench"
     for name in ("bench.csv", "bench.json", "error_by_age.csv", "corruptions.csv", "mae_vs_latency.png",
@@ -123,7 +125,7 @@ def test_cli_json(bench_run):
                            "--threads", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert {r["model"] for r in data["table"]} == {"mobilenet_v3_small", "shufflenet"}
+    assert {r["model"] for r in data["table"]} == {"mobilenet_v3_small", "scratch", "shufflenet"}
     bad = subprocess.run([sys.executable, "-m", "agecli.cli", "bench", "--run", str(bench_run), "--device", "cuda"],
                          capture_output=True, text=True, timeout=120)
     if not torch.cuda.is_available():
