@@ -455,13 +455,19 @@ def _time_onnx(row, cand, spec, run, out_dir, faces, batch_sizes, device, thread
     row["parity_max_abs"] = result["parity"]["max_abs_age"]
     row["onnx_mb"] = result["bytes"] / 2 ** 20
     exported = load_exported(path, device=device, threads=threads)
-    row["providers"] = ",".join(exported.providers or [])
+    _record_providers(row, exported.providers or [])
     small, big = batch_sizes[0], batch_sizes[-1]
     x = {b: to_unit(faces[:b].numpy(), spec.input_size) for b in batch_sizes}
     t1 = time_call(lambda: exported.run(x[small]), warmup=warmup, repeats=repeats)
     tb = time_call(lambda: exported.run(x[big]), warmup=max(2, warmup // 5), repeats=max(5, repeats // 5))
     mem, method = peak_memory(lambda: exported.run(x[big]), "cpu")
     _fill_times(row, t1, tb, small, big, mem, method)
+
+
+def _record_providers(row: dict[str, Any], providers: list[str]) -> None:
+    """ONNX Runtime falls back to the CPU where its CUDA provider is not installed: say where it ran."""
+    row["providers"] = ",".join(providers)
+    row["device"] = "cuda" if providers[:1] == ["CUDAExecutionProvider"] else "cpu"
 
 
 def _bench_reference(cand, store, test_idx, faces, batch_sizes, device, threads, warmup, repeats,
@@ -498,7 +504,7 @@ def _bench_reference(cand, store, test_idx, faces, batch_sizes, device, threads,
                        repeats=max(5, repeats // 5))
         mem, method = peak_memory(lambda: session.run([out_name], {in_name: feed[big]}), "cpu")
         _fill_times(row, t1, tb, small, big, mem, method)
-        row["providers"] = ",".join(session.get_providers())
+        _record_providers(row, session.get_providers())
     except AgecliError as exc:
         row.update(status="skipped", error=str(exc).splitlines()[0][:300])
     return [row]

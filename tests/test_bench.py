@@ -167,3 +167,13 @@ def test_unlabelled_test_faces_bench_speed_and_agreement(tmp_path):
         ref = next(r for r in res["rows"] if r["model"] == "dlib-age")
         assert 0 <= student["mae_vs_reference"] < 100 and ref.get("mae_vs_reference") is None
         assert ref["status"] == "ok" and ref["latency_ms"] > 0
+
+
+def test_onnx_rows_say_where_onnx_runtime_really_ran():
+    from agecli.bench import _record_providers
+
+    row = {"device": "cuda"}   # asked for, but onnxruntime without its CUDA provider falls back
+    _record_providers(row, ["CPUExecutionProvider"])
+    assert row == {"device": "cpu", "providers": "CPUExecutionProvider"}
+    _record_providers(row, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert row["device"] == "cuda"
