@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,42 +39,13 @@ from .evaluate import predict_store, score
 from .models import BACKBONES, AgeModel, build_model, count_parameters, default_normalisation, resolve_arch
 from .progress import ProgressFn
 from .rundir import Stage, resolve_run, unique_name, write_csv, write_json
+from .options import TrainOptions
 from .store import FaceStore
 
 LossFn = Callable[[dict[str, torch.Tensor], Batch, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 """(model outputs, batch with labels on the model's device, augmented input x) -> (loss, named parts)."""
 
 MIN_TRAIN_FACES = 16  # fewer labelled training faces than this is a mistake, not an experiment
-
-
-@dataclass
-class TrainOptions:
-    """Every knob of the training loop, with its default. Recipes set them by name."""
-
-    epochs: int = 30                     # passes over the training split (an upper bound under time_limit)
-    time_limit: float | None = None      # minutes: shorten the schedule so training ends within it
-    batch_size: int = 128                # faces per step (per process under torchrun)
-    lr: float = 3e-3                     # peak learning rate, reached after warm-up
-    weight_decay: float = 5e-4           # decoupled (AdamW) or L2 (SGD); not applied to norms/biases
-    optimizer: str = "adamw"             # adamw | sgd (momentum 0.9, Nesterov)
-    warmup_epochs: float = 1.0           # linear warm-up from lr/100, then cosine to lr/100
-    clip_grad: float | None = 5.0        # max gradient norm; None = no clipping
-    patience: int | None = None          # stop after this many epochs without a better val MAE
-    device: str = "cpu"                  # cpu | cuda | cuda:N
-    amp: bool = True                     # mixed precision (bf16, or fp16 + grad scaling); CUDA only
-    channels_last: bool = True           # NHWC memory format; CUDA only
-    compile: bool = False                # torch.compile the model (slow start, faster steps)
-    augment: bool = True                 # flip, zoom/shift/rotate, colour jitter (agecli.data.Augment)
-    seed: int = 0                        # seeds init, shuffling and augmentation: same seed, same model
-    workers: int = 3                     # batches prefetched by the background loader (0 = inline)
-    threads: int | None = None           # torch CPU threads (None = torch's default)
-    val_batch_size: int = 256            # faces per step when validating
-    resume: bool = False                 # continue from out_dir/last.pt exactly where it stopped
-    max_batches: int | None = None       # cap on steps per epoch (smoke tests, benchmarks)
-    precise_bn_batches: int = 20         # re-estimate BatchNorm statistics on this many un-augmented batches before validating
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- the loop

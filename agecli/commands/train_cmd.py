@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..train import TrainOptions
+from ..options import TrainOptions
 
 _D = TrainOptions()
 
