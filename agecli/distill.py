@@ -200,8 +200,8 @@ class OrdinalRelation(Term):
     def __init__(self, relation: float = 1.0, rank: float = 1.0, scale: float = 5.0):
         super().__init__()
         self.relation, self.rank, self.scale = relation, rank, scale
-        self.formula = (f"{relation:g} RKD-distance(f_s, f_rank) + {rank:g} mean log(1 + exp(-sign(r_i - r_j) "
-                        f"(age_s,i - age_s,j) / {scale:g})) over pairs")
+        self.formula = (f"{relation:g} RKD-distance(f_s, f_rank) + {rank:g} mean max(0, -sign(r_i - r_j) "
+                        f"(age_s,i - age_s,j) / {scale:g}) over pairs")
 
     def forward(self, ctx: Context) -> torch.Tensor:
         r = ctx.rank()
@@ -216,8 +216,11 @@ class OrdinalRelation(Term):
             diff_t = r.age[:, None] - r.age[None, :]
             pairs = diff_t.abs() > 1e-3
             if pairs.any():
+                # a hinge at zero: only pairs the student orders against the ranker cost anything.
+                # (A logistic loss keeps pushing well-ordered pairs apart, stretching every
+                # prediction away from the middle: val MAE rose from 7.5 to 9.1 in 6 epochs.)
                 diff_s = (ages[:, None] - ages[None, :]) / self.scale
-                loss = loss + self.rank * F.softplus(-torch.sign(diff_t[pairs]) * diff_s[pairs]).mean()
+                loss = loss + self.rank * F.relu(-torch.sign(diff_t[pairs]) * diff_s[pairs]).mean()
         return loss
 
 
