@@ -645,6 +645,7 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
                            "root": str(root) if root is not None else None, "dry_run": dry_run, "steps": rows}
     if dry_run:
         return out
+    _require_devices(steps, rows)
     run.mkdir(parents=True, exist_ok=True)
     _copy_recipe(recipe, run)
     state = _read_state(run)
@@ -778,6 +779,28 @@ def _last_lines(path: Path, count: int) -> list[str]:
     except OSError:
         return []
     return [line for line in lines if line.strip()][-count:]
+
+
+def _require_devices(steps: list[Step], rows: list[dict[str, Any]]) -> None:
+    """Refuse up front a recipe that wants a GPU on a machine without one, rather than after
+    its first steps have run for an hour."""
+    wanted = {}
+    for step, row in zip(steps, rows):
+        if row["action"] in ("run", "resume"):
+            for key in ("device", "teacher_device"):
+                value = step.kwargs.get(key)
+                if isinstance(value, str) and value.startswith("cuda"):
+                    wanted.setdefault(step.section, []).append(step.label)
+    if not wanted:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    fixes = " ".join(f"--set {section}.device=cpu" for section in wanted)
+    labels = ", ".join(label for labels in wanted.values() for label in labels)
+    raise AgecliError(f"{labels} ask for a CUDA GPU, but torch sees none on this machine. Run them on the "
+                      f"CPU with {fixes} (expect far longer training), or on a machine with a GPU.")
 
 
 def _prepare_resume(step: Step, run: Path, quiet: bool) -> None:

@@ -106,6 +106,26 @@ def test_run_and_cross_references_resolve(tmp_path):
     assert steps[0].kwargs["init"] == f"{tmp_path / 'myrun'}/train/x/best.pt"
 
 
+def test_a_gpu_recipe_on_a_machine_without_one_is_refused_before_anything_runs(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    images, records = synthetic_faces(60, 32)
+    run = build_store(tmp_path / "run", images, records, dataset="synthetic")
+    recipe = _recipe("train:\n  - {name: a, arch: mobilenet_v3_small, device: cuda}\n"
+                     "distill:\n  - {name: b, teachers: ['{run}/train/a/best.pt'], device: cuda:0}\nreport: {}\n",
+                     tmp_path)
+    with pytest.raises(AgecliError, match=r"train/a, distill/b ask for a CUDA GPU.*"
+                                          r"--set train.device=cpu --set distill.device=cpu"):
+        run_recipe(recipe, run)
+    assert not (run / "recipe.yaml").exists() and not (run / "train").exists()
+    assert run_recipe(recipe, run, dry_run=True)["dry_run"]          # validating needs no GPU
+    assert run_recipe(recipe, run, only=["report"])["steps"][-1]["action"] == "run"   # GPU steps not selected
+    overridden = load_recipe(tmp_path / "r.yaml", ["train.device=cpu", "distill.device=cpu"])
+    assert {step.kwargs["device"] for step in plan(overridden, run) if step.section != "report"} == {"cpu"}
+
+
 @pytest.mark.slow
 def test_recipe_runs_copies_itself_skips_completed_and_refuses_changed(tmp_path):
     """A real (tiny) training run through a recipe: it learns, is recorded, and resumes."""
