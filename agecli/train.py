@@ -38,8 +38,8 @@ from .errors import AgecliError
 from .evaluate import predict_store, score
 from .models import BACKBONES, AgeModel, build_model, count_parameters, default_normalisation, resolve_arch
 from .progress import ProgressFn
-from .rundir import Stage, resolve_run, unique_name, write_csv, write_json
 from .options import TrainOptions
+from .rundir import Stage, resolve_run, unique_name, write_csv, write_json
 from .store import FaceStore
 
 LossFn = Callable[[dict[str, torch.Tensor], Batch, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -304,7 +304,8 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
         history.append(row)
         walls.append(time.perf_counter() - epoch_started)
         if options.time_limit is not None and epoch < planned:
-            fits = epochs_within(options.time_limit * 60, walls, planned)
+            # rank 0 decides: ranks that disagreed on the epoch count would wait on each other
+            fits = distributed.broadcast(epochs_within(options.time_limit * 60, walls, planned), world)
             if fits < planned:
                 planned = fits
                 schedule.set_total(planned * steps)

@@ -33,9 +33,10 @@ def _worker(rank: int, world_size: int, port: int, run: str, out: str) -> None:
     model = build_model("mobilenet_v3_small", enc)
     spec = ModelSpec(arch="mobilenet_v3_small", encoding=enc.to_dict(), input_size=32)
     result = fit(model, spec, store, store.indices("train"), store.indices("val")[:16], out,
-                 TrainOptions(epochs=1, batch_size=16, max_batches=2, threads=1, workers=1))
+                 TrainOptions(epochs=3, time_limit=1e-5, batch_size=16, max_batches=2, threads=1, workers=1))
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.weights"))
-    torch.save({"world_size": result["world_size"], "best_epoch": result["best_epoch"]}, os.path.join(out, f"rank{rank}.result"))
+    torch.save({"world_size": result["world_size"], "best_epoch": result["best_epoch"],
+                "planned_epochs": result["planned_epochs"]}, os.path.join(out, f"rank{rank}.result"))
     torch.distributed.destroy_process_group()
 
 
@@ -56,6 +57,8 @@ def test_two_cpu_processes_with_gloo(synthetic_run, tmp_path):
     r0 = torch.load(out / "rank0.result", weights_only=True)
     r1 = torch.load(out / "rank1.result", weights_only=True)
     assert r0["world_size"] == r1["world_size"] == 2 and r0["best_epoch"] == r1["best_epoch"]
+    # the time limit cut the schedule after epoch 1 on both ranks (rank 0's decision, broadcast)
+    assert r0["planned_epochs"] == r1["planned_epochs"] == 1
     # only rank 0 wrote the run's files; the last checkpoint equals rank 0's weights
     assert len(pd.read_csv(out / "history.csv")) == 1
     saved = read_checkpoint(out / "last.pt")["state_dict"]
