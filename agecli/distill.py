@@ -286,7 +286,7 @@ class Student(nn.Module):
 
     Checkpoints hold only the student: `save_checkpoint` unwraps `.module`, and
     `state_dict`/`load_state_dict` speak for the student alone (so best.pt/last.pt load with
-    `load_checkpoint`; on --resume the adapters restart from their initial values)."""
+    `load_checkpoint`); the loss's adapters travel in last.pt's training state instead."""
 
     def __init__(self, student: nn.Module, loss: DistillLoss, layer: str | None = None):
         super().__init__()

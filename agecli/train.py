@@ -216,6 +216,8 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
         best_mae, best_epoch, stale = float(state["best_mae"]), int(state["best_epoch"]), int(state["stale"])
         spec.metrics = dict(state.get("best_metrics", {}))
         walls = list(state.get("walls", []))
+        if isinstance(loss_fn, torch.nn.Module) and state.get("loss_state"):
+            loss_fn.load_state_dict(state["loss_state"])
         # a resumed run follows this call's --epochs (as before), within a limit's earlier cut
         wanted = options.epochs * steps
         schedule.set_total(min(schedule.total, wanted) if options.time_limit else wanted)
@@ -327,6 +329,8 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
                 "scaler": scaler.state_dict(), "rng": _rng_state(generator), "history": history,
                 "best_mae": best_mae, "best_epoch": best_epoch, "stale": stale, "best_metrics": spec.metrics,
                 "options": options.to_dict(), "walls": walls,
+                # a loss with learned parts (distill's hint adapters) resumes with them
+                "loss_state": loss_fn.state_dict() if isinstance(loss_fn, torch.nn.Module) else None,
             }
             save_checkpoint(last_path, model, replace(spec, metrics={"split": "val", "epoch": epoch, **metrics}),
                             training_state=state)

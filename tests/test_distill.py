@@ -285,3 +285,29 @@ def test_cli_distill_json(teacher_setup):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["name"] == "cli" and "student" in payload["metrics"] and "agreement_mae" in payload["metrics"]
+
+
+def test_hint_resume_continues_exactly_with_its_learned_adapter(teacher_setup):
+    run, teacher = teacher_setup
+    options = TrainOptions(epochs=2, lr=3e-3, augment=False, max_batches=2, **{**FAST, "batch_size": 16})
+    kwargs = dict(teachers=[str(teacher)], student="squeezenet", size=32, method=["hint"], alpha=0.5)
+    distill(run, name="hint_straight", options=options, **kwargs)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_epoch_2(task, done, total):
+        if task.startswith("epoch 2"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill(run, name="hint_resumed", options=options, progress=stop_in_epoch_2, **kwargs)
+    state = read_checkpoint(run / "distill" / "hint_resumed" / "last.pt")["training_state"]
+    assert any(key.endswith("adapter.weight") for key in state["loss_state"])
+    distill(run, name="hint_resumed", options=replace(options, resume=True), **kwargs)
+    a = read_checkpoint(run / "distill" / "hint_straight" / "last.pt")
+    b = read_checkpoint(run / "distill" / "hint_resumed" / "last.pt")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for key, value in a["training_state"]["loss_state"].items():
+        assert torch.equal(value, b["training_state"]["loss_state"][key]), key
