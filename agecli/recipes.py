@@ -789,8 +789,10 @@ def _require_devices(steps: list[Step], rows: list[dict[str, Any]]) -> None:
         if row["action"] in ("run", "resume"):
             for key in ("device", "teacher_device"):
                 value = step.kwargs.get(key)
-                if isinstance(value, str) and value.startswith("cuda"):
-                    wanted.setdefault(step.section, []).append(step.label)
+                labels = wanted.setdefault(step.section, [])
+                if isinstance(value, str) and value.startswith("cuda") and step.label not in labels:
+                    labels.append(step.label)
+    wanted = {section: labels for section, labels in wanted.items() if labels}
     if not wanted:
         return
     import torch
