@@ -171,7 +171,7 @@ def _augment(x: torch.Tensor, size: int, aug: Augment, generator: torch.Generato
         return torch.rand(b, generator=generator).mul_(hi - lo).add_(lo).to(x.device)
 
     if x.shape[-1] > 2 * size:  # shrink first so grid_sample does not alias badly
-        x = F.interpolate(x, size=(2 * size, 2 * size), mode="bilinear", antialias=True, align_corners=False)
+        x = resize(x, 2 * size)
     zoom = uniform(*aug.scale)
     angle = uniform(-aug.rotate, aug.rotate) * math.pi / 180
     flip = torch.where(uniform(0, 1) < aug.flip, -1.0, 1.0)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import resize
 from .errors import AgecliError
 from .labels import ADIENCE_GROUPS, MAX_AGE
 from .rundir import fingerprint_file
@@ -241,13 +242,13 @@ class Teacher:
         x = x01.float()
         size = self.input_size
         if self._theta is not None:
-            if x.shape[-1] > 2 * size:
-                x = F.interpolate(x, size=(2 * size, 2 * size), mode="bilinear", antialias=True, align_corners=False)
+            if x.shape[-1] > 2 * size:  # shrink first so grid_sample does not alias badly
+                x = resize(x, 2 * size)
             theta = self._theta.to(x.device).expand(x.shape[0], 2, 3)
             grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        elif x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        else:
+            x = resize(x, size)
         if self.bgr:
             x = x.flip(1)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
