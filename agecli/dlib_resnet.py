@@ -87,16 +87,27 @@ class _Block(nn.Module):
         return F.relu(x + y)
 
 
-class DlibResNet10(nn.Module):
-    """Backbone returning 256 pooled features; `classifier` holds the original 81-way layer."""
+IDENTITY_BLOCKS = (0, 2, 4)  # the residual blocks that keep their input's shape, so can be left out
 
-    def __init__(self):
+
+class DlibResNet10(nn.Module):
+    """Backbone returning 256 pooled features; `classifier` holds the original 81-way layer.
+
+    `drop` leaves identity blocks out (an nn.Identity in their place, so the kept blocks
+    keep their names and their pretrained weights). A residual network degrades gracefully
+    when whole blocks go (Veit et al. 2016); fine-tuning recovers the rest. Dropping all
+    three gives `dlib_resnet6`: stem plus the two down-sampling blocks, 1.1 M parameters,
+    a student that starts from face features instead of from scratch."""
+
+    def __init__(self, drop: tuple[int, ...] = ()):
         super().__init__()
+        if set(drop) - set(IDENTITY_BLOCKS):
+            raise ValueError(f"only identity blocks {IDENTITY_BLOCKS} can be dropped, not {drop}")
         self.stem = nn.Conv2d(3, 64, 7, stride=2, padding=0)
         self.stem_aff = _Affine(64)
-        self.blocks = nn.Sequential(
-            _Block(64, 64, False), _Block(64, 128, True), _Block(128, 128, False),
-            _Block(128, 256, True), _Block(256, 256, False))
+        blocks = [_Block(64, 64, False), _Block(64, 128, True), _Block(128, 128, False),
+                  _Block(128, 256, True), _Block(256, 256, False)]
+        self.blocks = nn.Sequential(*(nn.Identity() if i in drop else b for i, b in enumerate(blocks)))
         self.feature_dim = 256
 
     def forward(self, x):
@@ -126,7 +137,8 @@ def load_dlib_weights(model: DlibResNet10) -> tuple[torch.Tensor, torch.Tensor]:
         state[f"{prefix}.bias"] = init[f"layer_{conv}_bias"]
         state[f"{aff_prefix}.scale"] = init[f"layer_{affine}_scale"]
         state[f"{aff_prefix}.offset"] = init[f"layer_{affine}_offset"]
-    model.load_state_dict(state)
+    present = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in state.items() if k in present})  # dropped blocks are skipped
     return init["layer_1_weights"].T.contiguous(), init["layer_1_bias"]
 
 

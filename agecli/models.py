@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .dlib_resnet import DLIB_MEAN, DLIB_STD, DlibResNet10, init_age_head_from_dlib, load_dlib_weights
+from .dlib_resnet import (DLIB_MEAN, DLIB_STD, IDENTITY_BLOCKS, DlibResNet10, init_age_head_from_dlib,
+                          load_dlib_weights)
 from .encodings import Encoding
 from .errors import AgecliError
 
@@ -75,7 +76,12 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("squeezenet1_1", 224, "student", _strip_squeezenet),
     # the CC0 dlib age model (ResNet-10 trained on ~110k faces), fine-tunable; see dlib_resnet.py
     Backbone("dlib_resnet10", 64, "teacher", None, DLIB_MEAN, DLIB_STD, ("dlib",)),
+    # the same without its three identity blocks: a pretrained student (see DlibResNet10)
+    Backbone("dlib_resnet6", 56, "student", None, DLIB_MEAN, DLIB_STD, ("dlib",)),
 )}
+
+# dlib variants: which identity blocks each leaves out
+_DLIB_DROP = {"dlib_resnet10": (), "dlib_resnet6": IDENTITY_BLOCKS}
 
 ALIASES = {
     "mobilenet": "mobilenet_v3_small",
@@ -123,7 +129,7 @@ class AgeModel(nn.Module):
 def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
                 pretrained: str | None = None) -> AgeModel:
     """Build an age model. `pretrained`: None (from scratch), "imagenet" (torchvision's
-    default weights) or "dlib" (the CC0 age model, for dlib_resnet10)."""
+    default weights) or "dlib" (the CC0 age model, for the dlib_resnet* backbones)."""
     import torchvision
 
     arch = resolve_arch(arch)
@@ -133,8 +139,8 @@ def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
     if pretrained is not None and pretrained not in spec.pretrained:
         raise AgecliError(f"--pretrained {pretrained!r} is not available for {arch}; it accepts "
                           f"{', '.join(spec.pretrained)} or none. To start from a file use --init PATH.")
-    if arch == "dlib_resnet10":
-        backbone = DlibResNet10()
+    if arch in _DLIB_DROP:
+        backbone = DlibResNet10(drop=_DLIB_DROP[arch])
         model = AgeModel(backbone, backbone.feature_dim, encoding, gender)
         if pretrained == "dlib":
             weight, bias = load_dlib_weights(backbone)

