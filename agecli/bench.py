@@ -95,23 +95,73 @@ def distilled_teachers(run: Path) -> set[str]:
     return names
 
 
+def _finished(stage_dir: Path) -> bool:
+    try:
+        return read_json(stage_dir / "manifest.json").get("status") == "complete"
+    except AgecliError:
+        return False
+
+
 def discover_models(run: Path) -> list[Candidate]:
     """Every finished checkpoint of a run: train stages' best.pt (a teacher when a distill stage
     used it, else a baseline), distill stages' *.pt (students: student.pt, or best.pt where there
-    is no student.pt; never last.pt)."""
+    is no student.pt; never last.pt). A stage still training has a best.pt too: it is left out
+    until its manifest says complete."""
     found: list[Candidate] = []
     teachers = distilled_teachers(run)
     for best in sorted((run / "train").glob("*/best.pt")):
         name = best.parent.name
-        found.append(Candidate(name, "teacher" if name in teachers else "baseline", best))
+        if _finished(best.parent):
+            found.append(Candidate(name, "teacher" if name in teachers else "baseline", best))
     for ckpt in sorted((run / "distill").glob("*/*.pt")):
-        if ckpt.name in ("last.pt",) or ckpt.name.startswith("."):
+        if ckpt.name in ("last.pt",) or ckpt.name.startswith(".") or not _finished(ckpt.parent):
             continue
         if ckpt.name == "best.pt" and (ckpt.parent / "student.pt").exists():
             continue  # student.pt is best.pt's weights plus its test metrics: one model, one row
         name = ckpt.parent.name if ckpt.stem in ("student", "best") else f"{ckpt.parent.name}/{ckpt.stem}"
         found.append(Candidate(name, "student", ckpt))
     return found
+
+
+def candidates(run: Path, models: Sequence[str] | None = None, include_reference: bool = True) -> list[Candidate]:
+    """The models a bench of `run` measures: `models` (checkpoint paths, or the reference by
+    name), else every finished model of the run; plus the CC0 reference row when asked."""
+    from .checkpoint import read_checkpoint
+
+    if models:
+        cands = []
+        for ref in models:
+            if ref == REFERENCE:
+                continue
+            path = Path(ref)
+            read_checkpoint(path)  # says what the file is when it is not a checkpoint
+            cands.append(Candidate(path.parent.name if path.stem in ("best", "student") else path.stem,
+                                   _role_of(path, run), path))
+        include_reference = include_reference and (REFERENCE in models or not cands)
+    else:
+        cands = discover_models(run)
+    if include_reference:
+        cands.append(Candidate(REFERENCE, "reference", None))
+    if not cands:
+        raise AgecliError(f"run {run} has no finished models (RUN/train/*/best.pt, RUN/distill/*/*.pt); "
+                          "train one with `agecli train` or pass --models.")
+    names = [c.name for c in cands]
+    for i, c in enumerate(cands):  # make names unique for the table
+        if names.count(c.name) > 1:
+            c.name = f"{c.name}#{i}"
+    return cands
+
+
+def _inputs(cands: Sequence[Candidate]) -> dict[str, str]:
+    return {c.name: fingerprint_file(c.path) for c in cands if c.path is not None}
+
+
+def bench_inputs(run: str | os.PathLike, *, models: Sequence[str] | None = None, include_reference: bool = True,
+                 **_other: Any) -> dict[str, str]:
+    """What a bench of `run` would record as its inputs now (model name -> file fingerprint).
+    A recipe compares it with the bench manifest's: a bench that predates a newly trained
+    model is stale, not complete."""
+    return _inputs(candidates(Path(run), models, include_reference))
 
 
 def _role_of(path: Path, run: Path) -> str:
@@ -258,7 +308,7 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
           backends: Sequence[str] = DEFAULT_BACKENDS, include_reference: bool = True, warmup: int = 10,
           repeats: int = 50, seed: int = 0, report: bool = True, progress=None) -> dict[str, Any]:
     """Benchmark the run's models (see the module docstring); writes RUN/bench/ and returns the results."""
-    from .checkpoint import load_checkpoint, read_checkpoint
+    from .checkpoint import load_checkpoint
     from .data import to_input
     from .evaluate import predict_store
     from .models import count_parameters
@@ -289,27 +339,8 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
                           "measures the error against them; bench it without --corruptions (accuracy is then "
                           f"the agreement with the {REFERENCE} reference), or bench a labelled run.")
 
-    if models:
-        cands = []
-        for ref in models:
-            if ref == REFERENCE:
-                continue
-            path = Path(ref)
-            read_checkpoint(path)  # says what the file is when it is not a checkpoint
-            cands.append(Candidate(path.parent.name if path.stem in ("best", "student") else path.stem,
-                                   _role_of(path, run), path))
-        include_reference = include_reference and (REFERENCE in models or not cands)
-    else:
-        cands = discover_models(run)
-    if include_reference:
-        cands.append(Candidate(REFERENCE, "reference", None))
-    if not cands:
-        raise AgecliError(f"run {run} has no finished models (RUN/train/*/best.pt, RUN/distill/*/*.pt); "
-                          "train one with `agecli train` or pass --models.")
-    names = [c.name for c in cands]
-    for i, c in enumerate(cands):  # make names unique for the table
-        if names.count(c.name) > 1:
-            c.name = f"{c.name}#{i}"
+    cands = candidates(run, models, include_reference)
+    include_reference = any(c.role == "reference" for c in cands)
 
     # same faces for every model: timing inputs are the first test faces
     big = batch_sizes[-1]
@@ -322,7 +353,7 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
                 corruption_names=corruption_names, corruption_limit=corruption_limit, threads=threads,
                 batch_sizes=batch_sizes, backends=list(backends), include_reference=include_reference,
                 warmup=warmup, repeats=repeats, seed=seed)
-    inputs = {c.name: fingerprint_file(c.path) for c in cands if c.path is not None}
+    inputs = _inputs(cands)
     rows: list[dict[str, Any]] = []
     frames: dict[str, pd.DataFrame] = {}
     predictors: dict[str, Callable[[Any, np.ndarray], np.ndarray]] = {}

@@ -79,6 +79,7 @@ class StageKind:
     help: str
     forwards: str | None = None   # a section whose keys this function's **kwargs passes on
     fixed: tuple[str, ...] = ()   # keys of `forwards` that this function sets itself
+    inputs: str | None = None     # function (run, **options) -> the inputs the stage would record now
 
     def function(self) -> Callable[..., Any]:
         try:
@@ -114,7 +115,7 @@ STAGE_KINDS: dict[str, StageKind] = {kind.section: kind for kind in (
     StageKind("eval", "agecli.evaluate", ("evaluate",), True, "eval/{name}",
               "evaluate a checkpoint on a split of the run"),
     StageKind("bench", "agecli.bench", ("bench",), False, "bench",
-              "error, latency and robustness of every model in the run"),
+              "error, latency and robustness of every model in the run", inputs="bench_inputs"),
     StageKind("report", "agecli.report", ("write_report", "report"), False, "",
               "write RUN/report.md"),
 )}
@@ -567,7 +568,10 @@ def _takes_var_keyword(func: Callable) -> bool:
 
 # --------------------------------------------------------------------------- running
 def step_status(step: Step, run: Path, state: dict[str, Any]) -> str:
-    """complete | changed | partial | new — what a run would do with this step."""
+    """complete | changed | stale | partial | new — what a run would do with this step.
+
+    stale: finished, but what it read has changed since (a bench that predates a model
+    trained after it), so it runs again."""
     stage_dir = step.stage_dir(run)
     if stage_dir is None:
         return "new"
@@ -575,14 +579,20 @@ def step_status(step: Step, run: Path, state: dict[str, Any]) -> str:
     if not manifest.exists():
         return "new"
     try:
-        status = read_json(manifest).get("status")
+        recorded_manifest = read_json(manifest)
     except AgecliError:
         return "partial"
-    if status != "complete":
+    if recorded_manifest.get("status") != "complete":
         return "partial"
     recorded = state.get("steps", {}).get(step.label, {}).get("fingerprint")
     if recorded is not None and recorded != step.fingerprint():
         return "changed"
+    kind = STAGE_KINDS[step.section]
+    if kind.inputs is not None:
+        options = {k: v for k, v in step.kwargs.items() if k not in RUNNER_FILLED}
+        current = getattr(importlib.import_module(kind.module), kind.inputs)(run, **options)
+        if current != recorded_manifest.get("inputs"):
+            return "stale"
     return "complete"
 
 
@@ -595,7 +605,8 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
             action = NOT_SELECTED
         else:
             action = {"complete": "skip (complete)", "partial": "resume", "new": "run",
-                      "changed": "refuse (options changed)"}[step_status(step, run, state)]
+                      "changed": "refuse (options changed)",
+                      "stale": "rerun (inputs changed)"}[step_status(step, run, state)]
         rows.append({"step": step.label, "call": STAGE_KINDS[step.section].target(), "action": action,
                      "options": step.kwargs})
     return rows
@@ -786,7 +797,7 @@ def _require_devices(steps: list[Step], rows: list[dict[str, Any]]) -> None:
     its first steps have run for an hour."""
     wanted = {}
     for step, row in zip(steps, rows):
-        if row["action"] in ("run", "resume"):
+        if row["action"] in ("run", "resume") or row["action"].startswith("rerun"):
             for key in ("device", "teacher_device"):
                 value = step.kwargs.get(key)
                 labels = wanted.setdefault(step.section, [])

@@ -288,3 +288,35 @@ def test_a_failing_child_is_named_with_its_log_and_its_sibling_still_completes(t
     state = json.loads((run / "recipe-state.json").read_text())["steps"]
     assert set(state) == {"train/a"}, "the sibling is recorded, the failed step is not"
     assert not (run / "report.md").exists(), "a later section does not start after a failure"
+
+
+@pytest.mark.slow
+def test_a_bench_that_predates_a_newly_trained_model_is_stale_and_runs_again(tmp_path):
+    images, records = synthetic_faces(160, 32)
+    run = build_store(tmp_path / "run", images, records, dataset="synthetic")
+    entry = ("  - name: {name}\n    arch: mobilenet_v3_small\n    size: 32\n    encoding: regression\n"
+             "    epochs: 1\n    batch_size: 32\n    workers: 0\n    threads: 1\n")
+    bench = ("bench:\n  include_reference: false\n  backends: [eager]\n  batch_sizes: [1]\n"
+             "  warmup: 1\n  repeats: 2\n  report: false\n")
+    run_recipe(_recipe("train:\n" + entry.format(name="a") + bench, tmp_path), run)
+    first = json.loads((run / "bench" / "manifest.json").read_text())
+    assert first["status"] == "complete" and set(first["inputs"]) == {"a"}
+
+    # a model still training is not benched: its best.pt exists, its manifest says running
+    unfinished = run / "train" / "c"
+    unfinished.mkdir()
+    (unfinished / "best.pt").write_bytes((run / "train" / "a" / "best.pt").read_bytes())
+    (unfinished / "manifest.json").write_text(json.dumps({"status": "running"}))
+    again = run_recipe(_recipe("train:\n" + entry.format(name="a") + bench, tmp_path), run, dry_run=True)
+    assert [s["action"] for s in again["steps"]] == ["skip (complete)", "skip (complete)"]
+
+    grown = _recipe("train:\n" + entry.format(name="a") + entry.format(name="b") + bench, tmp_path)
+    planned = run_recipe(grown, run, dry_run=True)
+    assert [s["action"] for s in planned["steps"]] == ["skip (complete)", "run", "skip (complete)"]
+    run_recipe(grown, run, only=["train/b"])
+    planned = run_recipe(grown, run, dry_run=True)
+    assert planned["steps"][-1]["action"] == "rerun (inputs changed)"
+    run_recipe(grown, run)
+    second = json.loads((run / "bench" / "manifest.json").read_text())
+    assert second["status"] == "complete" and set(second["inputs"]) == {"a", "b"}
+    assert run_recipe(grown, run, dry_run=True)["steps"][-1]["action"] == "skip (complete)"
