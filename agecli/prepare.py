@@ -60,6 +60,15 @@ DEFAULTS: dict[str, Any] = {
 CROP_CENTRE_FRACTION = 0.5
 
 
+def _subset(samples: list, limit: int, seed: int) -> list:
+    """`limit` samples drawn at random (seeded), kept in listing order. The first N would
+    not do: UTKFace names start with the age, so they are the youngest faces."""
+    if limit >= len(samples):
+        return list(samples)
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
+    return [samples[i] for i in keep]
+
+
 # --------------------------------------------------------------------------- public API
 def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None = None, *,
             size: int = DEFAULTS["size"], margin: float = DEFAULTS["margin"],
@@ -94,7 +103,7 @@ def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None
     run = Path(run) if run is not None else runs_root() / dataset
 
     parsed = spec.parse(root, strict=strict)
-    samples = parsed.samples[:limit] if limit else parsed.samples
+    samples = _subset(parsed.samples, limit, seed) if limit else parsed.samples
     alignment = (Alignment(method="similarity", size=size, margin=margin, template=template)
                  if detector == "mtcnn" else
                  Alignment(method="resize", size=size, margin=0.0, template=spec.native_template))

@@ -136,7 +136,15 @@ def test_real_utkface_subset(tmp_path):
         pytest.skip(f"UTKFace train pool not found at {root}")
     res = prepare("utkface", root, tmp_path / "run", limit=60, size=64)
     assert res["faces_stored"] == 60 and res["rows"] == 19010
-    assert FaceStore.open(tmp_path / "run").images.shape == (60, 64, 64, 3)
+    store = FaceStore.open(tmp_path / "run")
+    assert store.images.shape == (60, 64, 64, 3)
+    # a seeded random sample, not the first names in sorted order (which are all babies:
+    # UTKFace names start with the age); the same seed gives the same sample
+    ages = store.records["age"]
+    assert ages.min() < 10 and ages.max() > 50 and 20 < ages.median() < 45, sorted(ages)
+    again = prepare("utkface", root, tmp_path / "again", limit=60, size=64)
+    assert again["faces_stored"] == 60
+    assert list(FaceStore.open(tmp_path / "again").records["path"]) == list(store.records["path"])
 
 
 @pytest.mark.shared_data

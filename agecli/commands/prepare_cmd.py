@@ -40,7 +40,7 @@ Re-running resumes: finished chunks are kept and the result is identical.""")
                                                "[default: none for utkface, else mtcnn]"),
         device: str = typer.Option("cpu", help="cpu or cuda (batched detection on the GPU)"),
         workers: Optional[int] = typer.Option(None, help="CPU worker processes [default: all cores with mtcnn]"),
-        limit: Optional[int] = typer.Option(None, help="only the first N images (quick trials)"),
+        limit: Optional[int] = typer.Option(None, help="only N images, a seeded random sample (quick trials)"),
         shard: Optional[str] = typer.Option(None, help="I/N: process every N-th chunk starting at I (1-based)"),
         strict: bool = typer.Option(False, "--strict", help="fail if images listed by the dataset are missing"),
         seed: int = typer.Option(0, help="seed of the train/val/test assignment"),
