@@ -62,7 +62,8 @@ CROP_CENTRE_FRACTION = 0.5
 
 def _subset(samples: list, limit: int, seed: int) -> list:
     """`limit` samples drawn at random (seeded), kept in listing order. The first N would
-    not do: UTKFace names start with the age, so they are the youngest faces."""
+    not do: UTKFace names start with the age, so in sorted order they are a few ages only
+    (100-116, then 10-19, then 1)."""
     if limit >= len(samples):
         return list(samples)
     keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
