@@ -646,8 +646,10 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     if size > store.size:
         raise AgecliError(f"--size {size} is larger than the run's {store.size} px faces; use --size {store.size} "
                           "or less, or re-prepare with a larger --size.")
-    device = options.device
-    teacher_device = teacher_device or device
+    from .distributed import resolve_device
+
+    device = resolve_device(options.device)
+    teacher_device = resolve_device(teacher_device or device)
     teacher = build_teacher(teachers, specs=teacher_specs, weights=teacher_weights, device=teacher_device,
                             half=teacher_half, hint_layer=config.hint_layer) if teachers else None
     notes: list[str] = []

@@ -37,8 +37,16 @@ def from_env() -> World:
                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def resolve_device(device: str) -> str:
+    """"auto" is cuda when torch sees a GPU, else cpu; any other name is returned as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup(device: str) -> tuple[World, str]:
     """Join the process group when launched by torchrun; returns the world and this rank's device."""
+    device = resolve_device(device)
     world = from_env()
     if not world.distributed:
         return world, device

@@ -20,7 +20,7 @@ class TrainOptions:
     warmup_epochs: float = 1.0           # linear warm-up from lr/100, then cosine to lr/100
     clip_grad: float | None = 5.0        # max gradient norm; None = no clipping
     patience: int | None = None          # stop after this many epochs without a better val MAE
-    device: str = "cpu"                  # cpu | cuda | cuda:N
+    device: str = "cpu"                  # cpu | cuda | cuda:N | auto (cuda when there is a GPU, else cpu)
     amp: bool = True                     # mixed precision (bf16, or fp16 + grad scaling); CUDA only
     channels_last: bool = True           # NHWC memory format; CUDA only
     compile: bool = False                # torch.compile the model (slow start, faster steps)

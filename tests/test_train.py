@@ -261,3 +261,19 @@ def test_dlib_resnet6_is_the_cc0_network_without_its_identity_blocks_and_fine_tu
                        name=f"dlib6_{pretrained}", options=options)
         maes[pretrained] = result["val"]["mae"]
     assert maes["dlib"] < maes[None] - 1.0, maes
+
+
+def test_device_auto_picks_cuda_only_when_torch_sees_a_gpu(synthetic_run, monkeypatch):
+    from agecli.distributed import resolve_device
+
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    # a real (tiny) training with device auto runs where it is, and says so in its options
+    options = TrainOptions(epochs=1, max_batches=2, device="auto", **FAST)
+    result = train(synthetic_run, arch="mobilenet", size=32, name="auto", options=options)
+    assert result["last_epoch"] == 1
+    _model, spec = load_checkpoint(synthetic_run / "train" / "auto" / "best.pt")
+    assert spec.input_size == 32

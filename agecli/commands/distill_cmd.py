@@ -67,7 +67,7 @@ def distill_cmd(
                                       "without, teacher outputs are computed once and cached)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Student initialisation: imagenet | none."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start the student from a checkpoint or state dict."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (cuda when there is a GPU)."),
     seed: int = typer.Option(0, "--seed", help="Seed of init, shuffling and augmentation."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N epochs without a better val MAE."),

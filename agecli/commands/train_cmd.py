@@ -50,7 +50,7 @@ Examples:
         clip_grad: float = typer.Option(_D.clip_grad, help="max gradient norm (0 = off)"),
         patience: Optional[int] = typer.Option(None, help="early stop after N epochs without better val MAE"),
         no_augment: bool = typer.Option(False, "--no-augment", help="no flip/zoom/rotate/colour augmentation"),
-        device: str = typer.Option(_D.device, help="cpu | cuda | cuda:N"),
+        device: str = typer.Option(_D.device, help="cpu | cuda | cuda:N | auto (cuda when there is a GPU)"),
         amp: bool = typer.Option(_D.amp, "--amp/--no-amp", help="mixed precision on CUDA"),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the model"),
         workers: int = typer.Option(_D.workers, help="batches prefetched in the background (0 = inline)"),
