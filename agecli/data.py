@@ -31,6 +31,8 @@ class Batch:
     # the augmented crop in [0, 1] at a size above the model's (fit's `view_size`), so a larger
     # teacher sees the very same augmentation at its own resolution; None otherwise
     view: torch.Tensor | None = None
+    # which of the teacher's stored views each face was augmented as (fit's `views`); None otherwise
+    view_id: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -130,19 +132,23 @@ class Augment:
 
 def to_input(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], *,
              device: str | torch.device = "cpu", augment: Augment | None = None,
-             generator: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
+             generator: torch.Generator | None = None, channels_last: bool = False,
+             params: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, S, S, 3) RGB -> normalised float (B, 3, size, size) on `device`."""
-    x = to_unit(images, size, device=device, augment=augment, generator=generator)
+    x = to_unit(images, size, device=device, augment=augment, generator=generator, params=params)
     return normalise(x, mean, std, channels_last=channels_last)
 
 
 def to_unit(images: torch.Tensor, size: int, *, device: str | torch.device = "cpu", augment: Augment | None = None,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 (B, S, S, 3) RGB -> float (B, 3, size, size) in [0, 1] on `device`, augmented if asked.
+            generator: torch.Generator | None = None, params: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, S, S, 3) RGB -> float (B, 3, size, size) in [0, 1] on `device`, augmented if asked
+    (randomly, or exactly as the `draw_augment` numbers `params` say).
 
     The augmentation draws the same random numbers whatever `size` is, so one generator state
     gives the same crop at any resolution."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    if params is not None:
+        return apply_augment(x, size, params)
     if augment is not None:
         return _augment(x, size, augment, generator)
     return resize(x, size)
@@ -164,29 +170,48 @@ def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _augment(x: torch.Tensor, size: int, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
-    b = x.shape[0]
+# the per-image numbers one augmentation draws, in drawing order (see `draw_augment`)
+AUGMENT_FIELDS = ("zoom", "angle", "flip", "shift_x", "shift_y", "saturation", "contrast", "brightness")
+
+
+def draw_augment(b: int, aug: Augment, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random numbers for `b` images, (b, len(AUGMENT_FIELDS)) on the CPU. Kept apart from
+    `apply_augment` so a crop can be replayed exactly (the teacher's view bank stores them)."""
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator).mul_(hi - lo).add_(lo).to(x.device)
+        return torch.rand(b, generator=generator).mul_(hi - lo).add_(lo)
 
-    if x.shape[-1] > 2 * size:  # shrink first so grid_sample does not alias badly
-        x = resize(x, 2 * size)
     zoom = uniform(*aug.scale)
     angle = uniform(-aug.rotate, aug.rotate) * math.pi / 180
     flip = torch.where(uniform(0, 1) < aug.flip, -1.0, 1.0)
+    shift_x, shift_y = uniform(-aug.shift, aug.shift) * 2, uniform(-aug.shift, aug.shift) * 2
+    sat = uniform(1 - aug.saturation, 1 + aug.saturation)
+    con = uniform(1 - aug.contrast, 1 + aug.contrast)
+    bright = uniform(-aug.brightness, aug.brightness)
+    return torch.stack([zoom, angle, flip, shift_x, shift_y, sat, con, bright], 1)
+
+
+def apply_augment(x: torch.Tensor, size: int, params: torch.Tensor) -> torch.Tensor:
+    """Augment [0, 1] images (B, 3, H, W) with `draw_augment` numbers, output at size x size.
+    The numbers are resolution-free, so the same row gives the same crop at any `size`."""
+    b = x.shape[0]
+    if x.shape[-1] > 2 * size:  # shrink first so grid_sample does not alias badly
+        x = resize(x, 2 * size)
+    zoom, angle, flip, shift_x, shift_y, sat, con, bright = params.to(x.device, torch.float32).unbind(1)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([
-        torch.stack([cos * flip, -sin, uniform(-aug.shift, aug.shift) * 2], 1),
-        torch.stack([sin * flip, cos, uniform(-aug.shift, aug.shift) * 2], 1),
+        torch.stack([cos * flip, -sin, shift_x], 1),
+        torch.stack([sin * flip, cos, shift_y], 1),
     ], 1)
     grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    sat = uniform(1 - aug.saturation, 1 + aug.saturation).view(b, 1, 1, 1)
-    x = gray + (x - gray) * sat
-    con = uniform(1 - aug.contrast, 1 + aug.contrast).view(b, 1, 1, 1)
+    x = gray + (x - gray) * sat.view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * con + mean
-    x = x + uniform(-aug.brightness, aug.brightness).view(b, 1, 1, 1)
+    x = (x - mean) * con.view(b, 1, 1, 1) + mean
+    x = x + bright.view(b, 1, 1, 1)
     return x.clamp_(0.0, 1.0)
+
+
+def _augment(x: torch.Tensor, size: int, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
+    return apply_augment(x, size, draw_augment(x.shape[0], aug, generator))

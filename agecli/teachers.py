@@ -704,14 +704,24 @@ def build_teacher(refs: Sequence[str], *, specs: Sequence[str] | None = None, we
 
 
 def predict_teacher(teacher: Teacher, store, indices, *, batch_size: int = 256, device: str = "cpu",
-                    progress=None) -> dict[str, np.ndarray]:
-    """Teacher outputs over store rows (no augmentation): {"age": (n,), "probs": (n, 101), ["features"]}."""
-    from .data import Batches
+                    progress=None, augment_params: torch.Tensor | None = None,
+                    view_size: int | None = None) -> dict[str, np.ndarray]:
+    """Teacher outputs over store rows: {"age": (n,), "probs": (n, 101), ["features"]}.
 
+    Un-augmented, unless `augment_params` gives `data.draw_augment` numbers, one row per index
+    (indices sorted): then each face is that crop, made at `view_size` px."""
+    from .data import Batches, apply_augment
+
+    indices = np.asarray(indices, dtype=np.int64)
+    if augment_params is not None and (np.any(np.diff(indices) <= 0) or len(augment_params) != len(indices)):
+        raise ValueError("augment_params needs sorted unique indices and one row of numbers per index")
     ages, probs, feats = [], [], []
     batches = Batches(store, indices, batch_size)
     for done, batch in enumerate(batches, 1):
         x01 = batch.images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        if augment_params is not None:
+            rows = np.searchsorted(indices, batch.index.numpy())
+            x01 = apply_augment(x01, view_size or x01.shape[-1], augment_params[torch.from_numpy(rows)])
         out = teacher(x01)
         ages.append(out.age.float().cpu().numpy())
         probs.append(out.probs.float().cpu().numpy())

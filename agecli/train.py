@@ -148,12 +148,14 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, out_dir: Path,
         options: TrainOptions, loss_fn: LossFn | None = None, progress: ProgressFn | None = None,
-        view_size: int | None = None) -> dict[str, Any]:
+        view_size: int | None = None, views: Any = None) -> dict[str, Any]:
     """Train `model` on store rows `train_idx`, validating on `val_idx` every epoch.
 
     `view_size` (above the model's input size): augment at that size, hand the [0, 1] crop to
     `loss_fn` as `batch.view` (a larger teacher sees the same crop at its resolution) and feed
-    the model that crop downsized. Under `options.time_limit` the schedule is shortened after
+    the model that crop downsized. `views` (an object with `draw(rows, generator) -> (view ids,
+    draw_augment numbers)`, e.g. distill.TeacherViews): augment each face as one of a fixed set of
+    crops and hand its id to `loss_fn` as `batch.view_id`. Under `options.time_limit` the schedule is shortened after
     each epoch so that training ends in time, still finishing its cosine.
 
     Writes into out_dir (rank 0 only): history.csv, learning_curve.png, best.pt (lowest val
@@ -246,7 +248,12 @@ def fit(model: AgeModel, spec: ModelSpec, store: FaceStore, train_idx, val_idx, 
             if step >= steps:
                 break
             batch = _to_device(batch, device)
-            if view_size:
+            if views is not None and augment is not None:
+                view_id, params = views.draw(batch.index, generator)
+                batch = replace(batch, view_id=view_id)
+                x = to_input(batch.images, spec.input_size, spec.mean, spec.std, device=device, params=params,
+                             channels_last=on_cuda and options.channels_last)
+            elif view_size:
                 view = to_unit(batch.images, view_size, device=device, augment=augment, generator=generator)
                 batch = replace(batch, view=view)
                 x = normalise(resize(view, spec.input_size), spec.mean, spec.std,

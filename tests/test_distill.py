@@ -311,3 +311,58 @@ def test_hint_resume_continues_exactly_with_its_learned_adapter(teacher_setup):
         assert torch.equal(value, b["state_dict"][key]), key
     for key, value in a["training_state"]["loss_state"].items():
         assert torch.equal(value, b["training_state"]["loss_state"][key]), key
+
+
+def test_teacher_views_label_each_crop_once_and_replay_it_exactly(teacher_setup, tmp_path):
+    from agecli.data import apply_augment
+    from agecli.distill import TeacherViews
+    from agecli.teachers import load_teacher
+
+    run, path = teacher_setup
+    store = FaceStore.open(run)
+    teacher = load_teacher(str(path))
+    teacher.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset)
+    faces_seen = []
+    forward = teacher._forward
+    teacher._forward = lambda x: (faces_seen.append(len(x)), forward(x))[1]
+    rows = store.indices("train")
+    views = TeacherViews(teacher, store, rows, 3, tmp_path, view_size=32, batch_size=64)
+    assert sum(faces_seen) == 3 * len(rows) and views.built == 3
+
+    # the brightness teacher's answer moves with the photometric jitter: views of a face differ
+    assert float(views.age.std(0).mean()) > 0.5
+    # a drawn crop, made again from the stored numbers, gets the stored answer
+    pick = torch.from_numpy(np.sort(rows[:20]))
+    view_id, params = views.draw(pick, torch.Generator().manual_seed(1))
+    assert len(set(view_id.tolist())) > 1
+    images = torch.from_numpy(np.ascontiguousarray(store.images[pick.numpy()]))
+    replay = teacher(apply_augment(images.permute(0, 3, 1, 2).float() / 255, 32, params))
+    batch = Batch(images, torch.zeros(20), torch.zeros(20), torch.zeros(20), pick, view_id=view_id)
+    stored = views(batch, torch.zeros(1))
+    assert torch.allclose(stored.age, replay.age, atol=1e-3)
+    assert torch.allclose(stored.probs, replay.probs, atol=1e-5)
+
+    # a larger bank keeps the views already labelled and labels only the new one
+    faces_seen.clear()
+    more = TeacherViews(teacher, store, rows, 4, tmp_path, view_size=32, batch_size=64)
+    assert more.built == 1 and sum(faces_seen) == len(rows)
+    assert torch.equal(more.params[:3], views.params) and torch.equal(more.age[:3], views.age)
+
+
+def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
+    run, teacher = teacher_setup
+    options = TrainOptions(epochs=2, max_batches=3, augment=True, **FAST)
+    result = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2,
+                     name="views", options=options)
+    out = run / "distill" / "views"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["teacher_cache"]["views"] == 2
+    assert json.loads((out / "recipe.json").read_text())["teacher_inputs"] == "a bank of 2 augmented views per face"
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 2 and np.isfinite(history["train_soft"]).all() and history["train_soft"].iloc[0] > 0
+    assert result["metrics"]["student"]["n"] > 0 and len(list((out / "teacher_cache").glob("*.view1.age.npy"))) == 1
+
+    with pytest.raises(AgecliError, match="hint and ordinal need the teacher live"):
+        distill(run, teachers=[str(teacher)], method=["soft", "hint"], size=32, teacher_views=2, options=options)
+    with pytest.raises(AgecliError, match="--no-augment"):
+        distill(run, teachers=[str(teacher)], size=32, teacher_views=2, options=replace(options, augment=False))

@@ -55,6 +55,10 @@ def distill_cmd(
                                                   help="Weights of several teachers [default: equal]."),
     teacher_device: Optional[str] = typer.Option(None, "--teacher-device", help="Device of the teachers [default: --device]."),
     teacher_half: bool = typer.Option(False, "--teacher-half", help="Run checkpoint teachers in fp16 (CUDA only)."),
+    teacher_views: int = typer.Option(0, "--teacher-views", metavar="K",
+                                      help="Label K fixed augmented crops of each training face with the teacher "
+                                           "once, and train on those crops (soft/pseudo): a slow teacher then costs "
+                                           "K passes instead of one per epoch [default 0: the teacher runs live]."),
     recrop: bool = typer.Option(True, "--recrop/--no-recrop",
                                 help="Re-crop faces to each teacher's own alignment when both are known."),
     epochs: int = typer.Option(30, "--epochs", help="Student epochs."),
@@ -113,7 +117,7 @@ def distill_cmd(
                          hint_layer=hint_layer, student_layer=student_layer, pseudo_hard=pseudo_hard,
                          ordinal_weight=ordinal_weight, rank_teacher=rank_teacher, rank_k=rank_k,
                          rank_epochs=rank_epochs, teacher_specs=teacher_spec, teacher_weights=weights,
-                         teacher_device=teacher_device, teacher_half=teacher_half, recrop=recrop,
+                         teacher_device=teacher_device, teacher_half=teacher_half, teacher_views=teacher_views, recrop=recrop,
                          unlabelled=unlabelled, pretrained=pretrained, init=init, name=name, options=options,
                          progress=progress)
     if json_out:
