@@ -479,6 +479,7 @@ class TeacherViews:
         # view k's numbers do not depend on how many views there are: a larger bank reuses a smaller one
         self.params = torch.stack([draw_augment(len(indices), augment, generator) for _ in range(views)])
         ages, probs, self.built = [], [], 0
+        started = time.perf_counter()
         for k in range(views):
             files = {name: self.dir / f"{self.key}.view{k}.{name}.npy" for name in ("params", "probs", "age")}
             if not files["age"].exists():
@@ -494,7 +495,7 @@ class TeacherViews:
                 self.built += 1
             ages.append(np.load(files["age"]))
             probs.append(np.load(files["probs"]))
-        self.views = views
+        self.views, self.seconds = views, time.perf_counter() - started
         self.age = torch.from_numpy(np.stack(ages))        # (views, faces)
         self.probs = torch.from_numpy(np.stack(probs))     # (views, faces, ages)
         self.position = np.full(len(store.records), -1, dtype=np.int64)
@@ -784,7 +785,8 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                                      view_size=min(store.size, teacher.input_size), seed=options.seed,
                                      device=teacher_device, progress=progress)
                 teacher_feed = views
-                stage.set(teacher_cache={"key": views.key, "views": teacher_views, "built": views.built})
+                stage.set(teacher_cache={"key": views.key, "views": teacher_views, "built": views.built,
+                                         "seconds": round(views.seconds, 1)})
             elif feeds_cached:
                 table = TeacherTable(teacher, store, np.concatenate([train_idx, test_idx]), cache_dir,
                                      device=teacher_device, progress=progress)

@@ -357,6 +357,7 @@ def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
     out = run / "distill" / "views"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["teacher_cache"]["views"] == 2
+    assert manifest["teacher_cache"]["built"] == 2 and manifest["teacher_cache"]["seconds"] > 0
     assert json.loads((out / "recipe.json").read_text())["teacher_inputs"] == "a bank of 2 augmented views per face"
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 2 and np.isfinite(history["train_soft"]).all() and history["train_soft"].iloc[0] > 0
