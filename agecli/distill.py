@@ -482,7 +482,9 @@ class TeacherViews:
         started = time.perf_counter()
         for k in range(views):
             files = {name: self.dir / f"{self.key}.view{k}.{name}.npy" for name in ("params", "probs", "age")}
-            if not files["age"].exists():
+            # the stored numbers must be the ones drawn now (another torch could draw others for the seed)
+            done = files["age"].exists() and np.array_equal(np.load(files["params"]), self.params[k].numpy())
+            if not done:
                 def report(label: str, done: int, total: int, k: int = k) -> None:
                     if progress:
                         progress(f"teacher view {k + 1}/{views}", done, total)

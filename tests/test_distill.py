@@ -347,6 +347,12 @@ def test_teacher_views_label_each_crop_once_and_replay_it_exactly(teacher_setup,
     more = TeacherViews(teacher, store, rows, 4, tmp_path, view_size=32, batch_size=64)
     assert more.built == 1 and sum(faces_seen) == len(rows)
     assert torch.equal(more.params[:3], views.params) and torch.equal(more.age[:3], views.age)
+    # a view whose stored crops are not the ones drawn now is labelled again, never trusted
+    first = next(tmp_path.glob("*.view0.params.npy"))
+    np.save(first, np.load(first) * 0.9)
+    faces_seen.clear()
+    assert TeacherViews(teacher, store, rows, 4, tmp_path, view_size=32, batch_size=64).built == 1
+    assert sum(faces_seen) == len(rows)
 
 
 def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
