@@ -25,7 +25,8 @@ Terms (each prints its own formula, `DistillLoss.formula()`):
              the student's predicted ages must follow; `soft` then adds the dark knowledge of
              the classification teacher(s) given with --teacher
 
-Teacher outputs are cached in RUN/distill/<name>/teacher_cache/ when the student's inputs do
+Teacher outputs are cached in RUN/teacher_cache/ (keyed by teacher, faces and crops, so that
+every student of a run shares them) when the student's inputs do
 not change between epochs (--no-augment); with augmentation the teachers see the very batch
 the student sees, un-normalised and re-prepared their own way (see agecli.teachers), or, with
 --teacher-views K, label K fixed augmented crops per face once (`TeacherViews`).
@@ -456,6 +457,8 @@ class TeacherViews:
     teacher cost as much as a 60-epoch student with an 8-view bank.
 
     The crops are `data.draw_augment` numbers from a seeded generator, stored with the outputs.
+    The bank belongs to the teacher and the faces, not to one student: students with other
+    seeds pick other views in another order from the same bank.
     Each view is its own set of files (atomic, its `age` file written last), so an interrupted
     build goes on from the views it finished."""
 
@@ -775,7 +778,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     inputs = {"prepare": store_key(store), "teacher": teacher.fingerprint() if teacher else None}
 
     with Stage(out_run, "distill", name, args=args, inputs=inputs) as stage:
-        cache_dir = out_dir / "teacher_cache"
+        cache_dir = out_run / "teacher_cache"   # content-keyed: students with other seeds or losses share it
         feeds_cached = not options.augment
         teacher_feed = views = None
         probe_rows = train_idx[:4]
@@ -784,8 +787,8 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                 if options.threads:  # the bank is built before fit sets the threads
                     torch.set_num_threads(options.threads)
                 views = TeacherViews(teacher, store, train_idx, teacher_views, cache_dir,
-                                     view_size=min(store.size, teacher.input_size), seed=options.seed,
-                                     device=teacher_device, progress=progress)
+                                     view_size=min(store.size, teacher.input_size), device=teacher_device,
+                                     progress=progress)
                 teacher_feed = views
                 stage.set(teacher_cache={"key": views.key, "views": teacher_views, "built": views.built,
                                          "seconds": round(views.seconds, 1)})

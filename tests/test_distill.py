@@ -223,7 +223,7 @@ def test_soft_and_hint_teach_the_student_to_agree_with_its_teacher(teacher_setup
     assert [t["name"] for t in spec.provenance["loss"]] == ["soft", "hint"]
     assert spec.provenance["teachers"]["path"] == str(teacher) and spec.provenance["teachers"]["kind"] == "onnx"
     assert spec.metrics["test"]["mae"] == pytest.approx(metrics["student"]["mae"])
-    assert list((out / "teacher_cache").glob("*.probs.npy"))
+    assert list((run / "teacher_cache").glob("*.probs.npy"))
     again = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, method=["soft", "hint"], alpha=0.0,
                     options=replace(options, resume=True))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -367,7 +367,13 @@ def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
     assert json.loads((out / "recipe.json").read_text())["teacher_inputs"] == "a bank of 2 augmented views per face"
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 2 and np.isfinite(history["train_soft"]).all() and history["train_soft"].iloc[0] > 0
-    assert result["metrics"]["student"]["n"] > 0 and len(list((out / "teacher_cache").glob("*.view1.age.npy"))) == 1
+    assert result["metrics"]["student"]["n"] > 0 and len(list((run / "teacher_cache").glob("*.view1.age.npy"))) == 1
+
+    # another seed is another student, not another bank: it reuses the teacher's answers
+    again = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2,
+                    name="views_seed1", options=replace(options, seed=1))
+    manifest = json.loads((run / "distill" / again["name"] / "manifest.json").read_text())
+    assert manifest["teacher_cache"]["built"] == 0 and manifest["status"] == "complete"
 
     with pytest.raises(AgecliError, match="hint and ordinal need the teacher live"):
         distill(run, teachers=[str(teacher)], method=["soft", "hint"], size=32, teacher_views=2, options=options)

@@ -84,7 +84,8 @@ def distill_cmd(
 
     Writes student.pt (self-describing, with its teachers and method), history.csv,
     learning_curve.png, recipe.json (the loss formula), metrics.json (student and teacher
-    MAE on the test split, their agreement, the speed ratio) and teacher_cache/.
+    MAE on the test split, their agreement, the speed ratio); cached teacher outputs go to
+    RUN/teacher_cache/, shared by every student of the run.
 
     Examples:
 
