@@ -791,7 +791,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                                      progress=progress)
                 teacher_feed = views
                 stage.set(teacher_cache={"key": views.key, "views": teacher_views, "built": views.built,
-                                         "seconds": round(views.seconds, 1)})
+                                         "seconds": round(views.seconds, 3)})
             elif feeds_cached:
                 table = TeacherTable(teacher, store, np.concatenate([train_idx, test_idx]), cache_dir,
                                      device=teacher_device, progress=progress)
