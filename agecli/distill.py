@@ -407,6 +407,20 @@ def store_key(store) -> str:
 
 
 # =========================================================================== teacher feeding
+class RowPositions:
+    """Where each store row sits in a cache that holds the sorted `indices` rows."""
+
+    def __init__(self, n_rows: int, indices: np.ndarray):
+        self.position = np.full(n_rows, -1, dtype=np.int64)
+        self.position[indices] = np.arange(len(indices))
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        pos = torch.from_numpy(self.position[rows.cpu().numpy()])
+        if (pos < 0).any():
+            raise RuntimeError("the teacher cache was asked for rows it does not hold")
+        return pos
+
+
 class TeacherTable:
     """Teacher outputs for store rows, computed once and cached on disk (npy, atomic)."""
 
@@ -431,17 +445,14 @@ class TeacherTable:
                 if k != "index":
                     _save_npy(files[k], arr)
             _save_npy(files["index"], indices)
-        self.position = np.full(len(store.records), -1, dtype=np.int64)
-        self.position[indices] = np.arange(len(indices))
+        self.positions = RowPositions(len(store.records), indices)
         self.age = torch.from_numpy(np.asarray(data["age"], dtype=np.float32))
         self.probs = torch.from_numpy(np.asarray(data["probs"], dtype=np.float32))
         feats = data.get("features")
         self.features = None if feats is None else torch.from_numpy(np.asarray(feats, dtype=np.float32))
 
     def lookup(self, rows: torch.Tensor) -> TeacherOutput:
-        pos = torch.from_numpy(self.position[rows.cpu().numpy()])
-        if (pos < 0).any():
-            raise RuntimeError("teacher cache asked for rows it does not hold")
+        pos = self.positions(rows)
         return TeacherOutput(self.age[pos], self.probs[pos], None if self.features is None else self.features[pos])
 
     def __call__(self, batch, x: torch.Tensor) -> TeacherOutput:
@@ -504,24 +515,17 @@ class TeacherViews:
         self.views, self.seconds = views, time.perf_counter() - started
         self.age = torch.from_numpy(np.stack(ages))        # (views, faces)
         self.probs = torch.from_numpy(np.stack(probs))     # (views, faces, ages)
-        self.position = np.full(len(store.records), -1, dtype=np.int64)
-        self.position[indices] = np.arange(len(indices))
-
-    def _positions(self, rows: torch.Tensor) -> torch.Tensor:
-        pos = torch.from_numpy(self.position[rows.cpu().numpy()])
-        if (pos < 0).any():
-            raise RuntimeError("teacher view bank asked for rows it does not hold")
-        return pos
+        self.positions = RowPositions(len(store.records), indices)
 
     def draw(self, rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One stored view per row, at random: (view ids, their augmentation numbers)."""
         view_id = torch.randint(self.views, (len(rows),), generator=generator)
-        return view_id, self.params[view_id, self._positions(rows)]
+        return view_id, self.params[view_id, self.positions(rows)]
 
     def __call__(self, batch, x: torch.Tensor) -> TeacherOutput:
         if batch.view_id is None:
             raise RuntimeError("a teacher view bank needs batches augmented by it (fit(views=...))")
-        pos, view_id = self._positions(batch.index), batch.view_id.cpu()
+        pos, view_id = self.positions(batch.index), batch.view_id.cpu()
         return TeacherOutput(self.age[view_id, pos], self.probs[view_id, pos], None).to(x.device)
 
 
