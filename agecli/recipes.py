@@ -43,6 +43,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -420,9 +421,30 @@ def plan(recipe: Recipe, run: str | Path, root: str | Path | None = None) -> lis
             _validate(step, params, kind, where, root)
             step.kwargs = _resolve(step.options, run=Path(run), root=root)
             steps.append(step)
+        section_steps = [s for s in steps if s.section == section]
+        for i, step in enumerate(section_steps):
+            later = [s.label for s in needs(step, section_steps[i + 1:])]
+            if later:
+                raise AgecliError(f"{where}: [{step.label}] reads the output of {', '.join(later)}, which the "
+                                  f"recipe lists after it; move {step.label} below {later[-1]}.")
     if not steps:
         raise AgecliError(f"{where} has no stages; give at least one of {', '.join(STAGE_KINDS)}.")
     return steps
+
+
+def needs(step: Step, others: Sequence[Step]) -> list[Step]:
+    """The steps among `others` whose folder `step` reads, e.g. `init: "{run}/train/NAME/best.pt"`.
+    Sections already run in order; this orders the steps inside one (and waits under --jobs)."""
+    text = json.dumps(step.options, default=str)
+    found = []
+    for other in others:
+        template = STAGE_KINDS[other.section].stage_dir
+        if other is step or not template:
+            continue
+        folder = "{run}/" + template.format(name=other.name)
+        if re.search(re.escape(folder) + r'(?=[/"])', text):
+            found.append(other)
+    return found
 
 
 def _validate(step: Step, params: dict[str, Param], kind: StageKind, where: str, root) -> None:
@@ -742,7 +764,13 @@ def _run_in_children(runnable: list[tuple[Step, dict[str, Any]]], run: Path, roo
     try:
         while waiting or running:
             while waiting and len(running) < jobs and not failed:
-                step, row = waiting.pop(0)
+                # the first step none of whose inputs is still waiting or running in this section
+                unfinished = [s for s, _ in waiting] + [c.step for c in running]
+                ready = [pair for pair in waiting if not needs(pair[0], unfinished)]
+                if not ready:
+                    break
+                step, row = ready[0]
+                waiting.remove(ready[0])
                 log_path = logs / (step.label.replace("/", "__") + ".log")
                 log_file = open(log_path, "w", encoding="utf-8")
                 process = subprocess.Popen(child_command(step, run, root), stdout=log_file,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agecli.errors import AgecliError
-from agecli.recipes import STAGE_KINDS, apply_override, load_recipe, parse_recipe, plan, run_recipe, Recipe
+from agecli.recipes import STAGE_KINDS, apply_override, load_recipe, needs, parse_recipe, plan, run_recipe, Recipe
 from conftest import build_store, synthetic_faces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,6 +288,33 @@ def test_a_failing_child_is_named_with_its_log_and_its_sibling_still_completes(t
     state = json.loads((run / "recipe-state.json").read_text())["steps"]
     assert set(state) == {"train/a"}, "the sibling is recorded, the failed step is not"
     assert not (run / "report.md").exists(), "a later section does not start after a failure"
+
+
+def test_a_step_that_reads_a_later_step_of_its_section_is_refused(tmp_path):
+    text = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1}").replace(
+        "max_batches: 2,", "max_batches: 2, init: '{run}/train/b/best.pt',", 1)
+    with pytest.raises(AgecliError, match=r"\[train/a\] reads the output of train/b.*move train/a below train/b"):
+        plan(_recipe(text, tmp_path), tmp_path / "run")
+    # the same reference, listed in order, plans; a name that only starts the same does not count
+    ordered = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1, init: '{run}/train/a/best.pt'}")
+    steps = plan(_recipe(ordered, tmp_path), tmp_path / "run")
+    assert [s.label for s in needs(steps[1], steps)] == ["train/a"]
+    prefix = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1, init: '{run}/train/ab/best.pt'}")
+    steps = plan(_recipe(prefix, tmp_path), tmp_path / "run")
+    assert needs(steps[1], steps) == []
+
+
+@pytest.mark.slow
+def test_jobs_waits_for_a_step_whose_model_the_next_one_starts_from(tmp_path):
+    """Under --jobs, b (initialised from a's best.pt) starts only once a has finished;
+    started together, b would fail on a missing file."""
+    run = build_store(tmp_path / "run", *synthetic_faces(160, 32), dataset="synthetic")
+    text = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1, init: '{run}/train/a/best.pt'}")
+    run_recipe(_recipe(text, tmp_path), run, jobs=2)
+    a = json.loads((run / "train" / "a" / "manifest.json").read_text())
+    b = json.loads((run / "train" / "b" / "manifest.json").read_text())
+    assert a["status"] == b["status"] == "complete"
+    assert b["args"]["init"] == str(run / "train" / "a" / "best.pt")
 
 
 @pytest.mark.slow
