@@ -39,6 +39,8 @@ severities) and mCE relative to the clean MAE on the same faces, as Greco et al.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import os
 import platform
@@ -213,8 +215,18 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> bool:
+    """Hand the C allocator's free pages back to the OS (glibc malloc_trim). Without it a run
+    after the warm-up reuses pages already resident and its RSS high-water reads 0 MB."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    return True
+
+
 def peak_memory(fn: Callable[[], Any], device: str) -> tuple[float | None, str]:
-    """Peak memory (MB) while `fn` runs, and how it was measured."""
+    """Peak memory (MB) while `fn` runs above what was live before it, and how it was measured."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -222,13 +234,15 @@ def peak_memory(fn: Callable[[], Any], device: str) -> tuple[float | None, str]:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2 ** 20, "cuda max_memory_allocated above baseline"
+    trimmed = _release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         base = _status_kb("VmRSS")
         fn()
         hwm = _status_kb("VmHWM")
         if base is not None and hwm is not None:
-            return max(0, hwm - base) / 1024, "cpu RSS high-water above baseline (VmHWM)"
+            how = "after malloc_trim" if trimmed else "allocator not trimmed: reads low when pages are reused"
+            return max(0, hwm - base) / 1024, f"cpu RSS high-water above baseline (VmHWM, {how})"
     except OSError:
         pass
     return None, "unavailable (no /proc/self/clear_refs)"
@@ -491,8 +505,23 @@ def _time_onnx(row, cand, spec, run, out_dir, faces, batch_sizes, device, thread
     x = {b: to_unit(faces[:b].numpy(), spec.input_size) for b in batch_sizes}
     t1 = time_call(lambda: exported.run(x[small]), warmup=warmup, repeats=repeats)
     tb = time_call(lambda: exported.run(x[big]), warmup=max(2, warmup // 5), repeats=max(5, repeats // 5))
-    mem, method = peak_memory(lambda: exported.run(x[big]), "cpu")
+    mem, method = _onnx_peak_memory(path, "images", x[big], device, threads)
     _fill_times(row, t1, tb, small, big, mem, method)
+
+
+def _onnx_peak_memory(path: Path, input_name: str, batch: np.ndarray, device: str,
+                      threads: int) -> tuple[float | None, str]:
+    """A run's peak CPU memory, from a second session without onnxruntime's memory arena: the
+    timed session's arena keeps its memory between runs, so a run there adds nothing."""
+    if device.startswith("cuda"):
+        return None, "not measured for onnxruntime on cuda"
+    from .export import onnx_session
+
+    session = onnx_session(path, device="cpu", threads=threads, memory_arena=False)
+    feed = {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+    session.run(None, feed)  # one-off initialisation is not a run's memory
+    mem, method = peak_memory(lambda: session.run(None, feed), "cpu")
+    return mem, method + ", onnxruntime without its memory arena"
 
 
 def _record_providers(row: dict[str, Any], providers: list[str]) -> None:
@@ -533,7 +562,7 @@ def _bench_reference(cand, store, test_idx, faces, batch_sizes, device, threads,
         t1 = time_call(lambda: session.run([out_name], {in_name: feed[small]}), warmup=warmup, repeats=repeats)
         tb = time_call(lambda: session.run([out_name], {in_name: feed[big]}), warmup=max(2, warmup // 5),
                        repeats=max(5, repeats // 5))
-        mem, method = peak_memory(lambda: session.run([out_name], {in_name: feed[big]}), "cpu")
+        mem, method = _onnx_peak_memory(path, in_name, feed[big], device, threads)
         _fill_times(row, t1, tb, small, big, mem, method)
         _record_providers(row, session.get_providers())
     except AgecliError as exc:

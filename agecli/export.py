@@ -145,10 +145,13 @@ class Exported:
     providers: list[str] | None = None
 
 
-def onnx_session(path: str | Path, *, device: str = "cpu", threads: int | None = None):
+def onnx_session(path: str | Path, *, device: str = "cpu", threads: int | None = None, memory_arena: bool = True):
+    """An onnxruntime session. `memory_arena=False` makes every run allocate (and free) its own
+    memory, so the bench can see a run's peak; the default arena keeps it between runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
