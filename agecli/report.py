@@ -5,7 +5,8 @@
 It reads what the stages left behind and invents nothing: the prepare manifest (counts,
 alignment, splits), every train/distill/eval stage (manifest results, the last rows of
 history.csv, learning-curve PNGs, metrics), and the bench stage (bench.csv as a table,
-student/teacher speed-ups, robustness summary, its PNGs). Stages that are missing or not
+student/teacher speed-ups, robustness summary, its PNGs), plus the seed groups (models that
+differ only in their seed, with their spread). Stages that are missing or not
 complete are listed as such. Images are linked with paths relative to the run, so the
 folder can be moved or zipped as a whole.
 """
@@ -91,6 +92,50 @@ def _stage_section(run: Path, folder: Path, title: str) -> list[str]:
     return out
 
 
+# options that decide where and how fast a model trains, not which model it becomes
+RUNTIME_OPTIONS = ("device", "threads", "workers", "resume", "val_batch_size")
+
+
+def seed_groups(run: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The run's models that differ only in their seed, one row per group of two or more: the
+    mean and the range of their val and test MAE. A difference between two configurations has
+    to beat this spread to mean anything."""
+    run = resolve_run(run)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for stage in ("train", "distill"):
+        for manifest_path in sorted((run / stage).glob("*/manifest.json")):
+            manifest = read_json(manifest_path)
+            if manifest.get("status") != "complete" or not isinstance(manifest.get("args"), dict):
+                continue
+            args = {k: v for k, v in manifest["args"].items() if k != "name"}
+            options = {k: v for k, v in (args.get("options") or {}).items() if k not in RUNTIME_OPTIONS}
+            seed = options.pop("seed", None)
+            args["options"] = options
+            metrics_path = manifest_path.parent / "metrics.json"
+            metrics = read_json(metrics_path) if metrics_path.exists() else {}
+            test = metrics.get("test") or (metrics.get("student") if metrics.get("split") == "test" else None)
+            key = stage + json.dumps(args, sort_keys=True, default=str)
+            groups.setdefault(key, []).append({
+                "stage": stage, "name": manifest_path.parent.name, "seed": seed,
+                "val_mae": (metrics.get("val") or {}).get("mae"), "test_mae": (test or {}).get("mae")})
+    rows = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        row: dict[str, Any] = {"stage": members[0]["stage"], "models": " / ".join(m["name"] for m in members),
+                               "seeds": ", ".join(str(m["seed"]) for m in members)}
+        for split in ("val", "test"):
+            values = [m[f"{split}_mae"] for m in members if m[f"{split}_mae"] is not None]
+            if len(values) == len(members):
+                row.update({f"{split}_mae_mean": sum(values) / len(values),
+                            f"{split}_mae_range": max(values) - min(values)})
+        tests = [m["test_mae"] for m in members if m["test_mae"] is not None]
+        if len(tests) == len(members):
+            row.update(test_mae_min=min(tests), test_mae_max=max(tests))
+        rows.append(row)
+    return rows
+
+
 def write_report(run: str | os.PathLike | None = None) -> Path:
     """Write RUN/report.md from every stage present in the run; returns its path."""
     run = resolve_run(run)
@@ -132,7 +177,15 @@ def write_report(run: str | os.PathLike | None = None) -> Path:
         for folder in folders:
             lines.extend(_stage_section(run, folder, f"{stage}/{folder.name}" if folder.name != stage else stage))
 
-    lines.append("\n## 5. Benchmark\n")
+    groups = seed_groups(run)
+    if groups:
+        lines.append("\n## 5. Seeds\n")
+        lines.append("Models that differ only in their seed (runtime options such as device and threads "
+                     "aside): the spread a difference between configurations has to beat.\n\n")
+        lines.append(md_table(groups, ["stage", "models", "seeds", "val_mae_mean", "val_mae_range", "test_mae_mean",
+                                       "test_mae_min", "test_mae_max", "test_mae_range"]))
+
+    lines.append("\n## 6. Benchmark\n")
     bench_json = run / "bench" / "bench.json"
     if bench_json.exists():
         data = read_json(bench_json)

@@ -90,7 +90,7 @@ def test_speedups_and_robustness(results):
 
 def test_report_written(results, bench_run):
     text = (bench_run / "report.md").read_text()
-    assert "## 5. Benchmark" in text and "mobilenet_v3_small" in text and "bench/mae_vs_latency.png" in text
+    assert "## 6. Benchmark" in text and "mobilenet_v3_small" in text and "bench/mae_vs_latency.png" in text
     assert "## 1. Prepared faces" in text and "Faces per split" in text
 
 

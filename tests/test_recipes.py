@@ -14,6 +14,7 @@ import pytest
 
 from agecli.errors import AgecliError
 from agecli.recipes import STAGE_KINDS, apply_override, load_recipe, needs, parse_recipe, plan, run_recipe, Recipe
+from agecli.report import seed_groups
 from conftest import build_store, synthetic_faces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,6 +261,13 @@ def test_jobs_runs_a_section_in_child_processes_records_and_skips(tmp_path):
     state = json.loads((run / "recipe-state.json").read_text())["steps"]
     assert set(state) == {"train/a", "train/b", "report"}
     assert all(entry["fingerprint"] and entry["seconds"] > 0 for entry in state.values())
+    # a and b differ only in their seed: the report gives their spread
+    groups = seed_groups(run)
+    assert [(g["models"], g["seeds"]) for g in groups] == [("a / b", "0, 1")]
+    tests = [json.loads((run / "train" / n / "metrics.json").read_text())["test"]["mae"] for n in ("a", "b")]
+    assert groups[0]["test_mae_range"] == pytest.approx(abs(tests[0] - tests[1]))
+    assert groups[0]["test_mae_mean"] == pytest.approx(sum(tests) / 2)
+    assert "## 5. Seeds" in (run / "report.md").read_text()
     # children read the run's own copy of the recipe and leave it as the parent wrote it
     assert (run / "recipe.yaml").read_text().count("# copied by `agecli run`") == 1
 
@@ -315,6 +323,24 @@ def test_jobs_waits_for_a_step_whose_model_the_next_one_starts_from(tmp_path):
     b = json.loads((run / "train" / "b" / "manifest.json").read_text())
     assert a["status"] == b["status"] == "complete"
     assert b["args"]["init"] == str(run / "train" / "a" / "best.pt")
+
+
+def test_seed_groups_ignore_runtime_options_and_unfinished_models(tmp_path):
+    def model(name, status="complete", seed=0, epochs=4, threads=1, mae=6.0):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        args = {"arch": "dlib_resnet6", "name": name, "options": {"epochs": epochs, "seed": seed, "threads": threads}}
+        (folder / "manifest.json").write_text(json.dumps({"status": status, "args": args}))
+        (folder / "metrics.json").write_text(json.dumps({"val": {"mae": mae - 0.5}, "test": {"mae": mae}}))
+
+    model("s0", seed=0, mae=6.0)
+    model("s1", seed=1, threads=2, mae=6.3)      # other threads: still a seed of s0
+    model("s2", seed=2, status="running", mae=1.0)  # unfinished: left out
+    model("e8", seed=1, epochs=8, mae=5.0)         # another schedule: its own (single) group
+    groups = seed_groups(tmp_path)
+    assert [(g["models"], g["seeds"]) for g in groups] == [("s0 / s1", "0, 1")]
+    assert groups[0]["test_mae_mean"] == pytest.approx(6.15) and groups[0]["test_mae_range"] == pytest.approx(0.3)
+    assert groups[0]["val_mae_mean"] == pytest.approx(5.65)
 
 
 @pytest.mark.slow
