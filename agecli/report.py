@@ -126,12 +126,9 @@ def seed_groups(run: str | os.PathLike | None = None) -> list[dict[str, Any]]:
                                "seeds": ", ".join(str(m["seed"]) for m in members)}
         for split in ("val", "test"):
             values = [m[f"{split}_mae"] for m in members if m[f"{split}_mae"] is not None]
-            if len(values) == len(members):
-                row.update({f"{split}_mae_mean": sum(values) / len(values),
-                            f"{split}_mae_range": max(values) - min(values)})
-        tests = [m["test_mae"] for m in members if m["test_mae"] is not None]
-        if len(tests) == len(members):
-            row.update(test_mae_min=min(tests), test_mae_max=max(tests))
+            if len(values) == len(members):  # a mean over some seeds only would mislead
+                row.update({f"{split}_mae_mean": sum(values) / len(values), f"{split}_mae_min": min(values),
+                            f"{split}_mae_max": max(values), f"{split}_mae_range": max(values) - min(values)})
         rows.append(row)
     return rows
 
