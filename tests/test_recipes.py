@@ -299,8 +299,7 @@ def test_a_failing_child_is_named_with_its_log_and_its_sibling_still_completes(t
 
 
 def test_a_step_that_reads_a_later_step_of_its_section_is_refused(tmp_path):
-    text = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1}").replace(
-        "max_batches: 2,", "max_batches: 2, init: '{run}/train/b/best.pt',", 1)
+    text = TWO_TRAIN_STEPS.replace("max_batches: 2,", "max_batches: 2, init: '{run}/train/b/best.pt',", 1)
     with pytest.raises(AgecliError, match=r"\[train/a\] reads the output of train/b.*move train/a below train/b"):
         plan(_recipe(text, tmp_path), tmp_path / "run")
     # the same reference, listed in order, plans; a name that only starts the same does not count
