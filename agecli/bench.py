@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import platform
@@ -215,13 +216,22 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _release_free_heap() -> bool:
-    """Hand the C allocator's free pages back to the OS (glibc malloc_trim). Without it a run
-    after the warm-up reuses pages already resident and its RSS high-water reads 0 MB."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere (musl, macOS)."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_heap() -> bool:
+    """Hand the C allocator's free pages back to the OS. Without it a run after the warm-up
+    reuses pages already resident and its RSS high-water reads 0 MB."""
+    trim = _malloc_trim()
+    if trim is None:
         return False
+    trim(0)
     return True
 
 
