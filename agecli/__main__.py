@@ -1,6 +1,6 @@
 """`python -m agecli ...`: the same command as the `agecli` script (used by `agecli run --jobs`)."""
 
-from .cli import main
+from agecli.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import FORMAT_VERSION, __version__
-from .errors import AgecliError
+from agecli import FORMAT_VERSION, __version__
+from agecli.errors import AgecliError
 
 RUNS_ROOT_ENV = "AGECLI_RUNS"
 STAGES = ("prepare", "train", "distill", "eval", "bench", "export")

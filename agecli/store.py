@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import AgecliError
-from .rundir import require_stage
+from agecli.errors import AgecliError
+from agecli.rundir import require_stage
 
 RECORD_COLUMNS = [
     "path",       # source image, relative to the dataset root
@@ -129,6 +129,19 @@ class FaceStore:
             is_val = (rec["split"] == "val").to_numpy() & ~in_fold
             mask = {"test": in_fold, "val": is_val, "train": ~in_fold & ~is_val}[split]
         return np.flatnonzero(mask)
+
+    def fingerprint(self) -> str:
+        """Identity of the data: the hash of records.csv (faces and labels) from the prepare
+        manifest, and the size of faces.npy. A model's checkpoint keeps it, so evaluating on
+        other data is noticed."""
+        files = self.manifest.get("files", {})
+        digest = (files.get("records.csv") or {}).get("sha256")
+        if digest:
+            faces = (files.get("faces.npy") or {}).get("bytes")
+            return f"records:{digest}/faces:{faces}B"
+        from agecli.rundir import fingerprint_file
+
+        return f"records:{fingerprint_file(self.root / 'records.csv')}"
 
     def folds(self) -> list[int]:
         return sorted(int(f) for f in set(self.records["fold"].tolist()) if f != -1)

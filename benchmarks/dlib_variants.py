@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class _Net(nn.Module):
     def __init__(self, drop: tuple[int, ...]):
         super().__init__()
-        from agecli.dlib_resnet import DlibResNet10, load_dlib_weights
+        from agecli.modeling.dlib_resnet import DlibResNet10, load_dlib_weights
 
         self.backbone = DlibResNet10(drop=drop)
         weight, bias = load_dlib_weights(self.backbone)
@@ -83,7 +83,7 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from agecli.dlib_resnet import IDENTITY_BLOCKS, dlib_age_onnx
+    from agecli.modeling.dlib_resnet import IDENTITY_BLOCKS, dlib_age_onnx
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

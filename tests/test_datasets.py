@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agecli.datasets import adience_age, get_dataset, parse_utkface_name, safe_relpath
+from agecli.data.datasets import adience_age, get_dataset, parse_utkface_name, safe_relpath
 from agecli.errors import AgecliError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from agecli.checkpoint import ModelSpec, read_checkpoint
-from agecli.encodings import build_encoding
-from agecli.models import build_model
+from agecli.modeling.checkpoint import ModelSpec, read_checkpoint
+from agecli.modeling.encodings import build_encoding
+from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
-from agecli.train import TrainOptions, fit
+from agecli.stages.train import TrainOptions, fit
 
 
 def _free_port() -> int:

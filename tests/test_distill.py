@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from agecli.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, save_checkpoint
-from agecli.data import Batch
-from agecli.distill import ConcatStore, Student, build_loss, distill, listmle, rank_accuracy
-from agecli.encodings import build_encoding, gaussian_targets
+from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, save_checkpoint
+from agecli.data.batches import Batch
+from agecli.stages.distill import ConcatStore, Student, build_loss, distill, listmle, rank_accuracy
+from agecli.modeling.encodings import build_encoding, gaussian_targets
 from agecli.errors import AgecliError
-from agecli.models import build_model
+from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
-from agecli.teachers import TeacherOutput
-from agecli.train import TrainOptions
+from agecli.stages.teachers import TeacherOutput
+from agecli.stages.train import TrainOptions
 
 from conftest import build_store, synthetic_faces
 
@@ -276,7 +276,7 @@ def test_bad_input_is_explained(teacher_setup, tmp_path):
 def test_cli_distill_json(teacher_setup):
     from typer.testing import CliRunner
 
-    from agecli.cli import app
+    from agecli.cli.app import app
 
     run, teacher = teacher_setup
     result = CliRunner().invoke(app, ["distill", "--run", str(run), "--teacher", str(teacher), "--size", "32", "--student", "squeezenet",
@@ -314,9 +314,9 @@ def test_hint_resume_continues_exactly_with_its_learned_adapter(teacher_setup):
 
 
 def test_teacher_views_label_each_crop_once_and_replay_it_exactly(teacher_setup, tmp_path):
-    from agecli.data import apply_augment
-    from agecli.distill import TeacherViews
-    from agecli.teachers import load_teacher
+    from agecli.data.batches import apply_augment
+    from agecli.stages.distill import TeacherViews
+    from agecli.stages.teachers import load_teacher
 
     run, path = teacher_setup
     store = FaceStore.open(run)

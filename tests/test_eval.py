@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from agecli.checkpoint import ModelSpec, save_checkpoint
-from agecli.encodings import build_encoding
+from agecli.modeling.checkpoint import ModelSpec, save_checkpoint
+from agecli.modeling.encodings import build_encoding
 from agecli.errors import AgecliError
-from agecli.evaluate import age_metrics, evaluate
-from agecli.models import build_model
+from agecli.stages.evaluate import age_metrics, evaluate
+from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
 
 from conftest import build_store, synthetic_faces
@@ -82,7 +82,7 @@ def test_eval_bad_input(synthetic_run, tmp_path):
 def test_cli_eval_json(synthetic_run, tmp_path):
     from typer.testing import CliRunner
 
-    from agecli.cli import app
+    from agecli.cli.app import app
 
     model = _checkpoint(tmp_path / "best.pt", synthetic_run)
     out = CliRunner().invoke(app, ["eval", "--model", str(model), "--run", str(synthetic_run), "--split", "val", "--json"])

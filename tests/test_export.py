@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agecli.errors import AgecliError
-from agecli.export import export, load_exported, to_unit
+from agecli.stages.export import export, load_exported, to_unit
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_onnx_parity_on_real_faces(onnx_export, bench_run):
 def test_onnx_metadata_and_dynamic_batch(onnx_export, bench_run):
     import onnxruntime as ort
 
-    from agecli.checkpoint import load_checkpoint
+    from agecli.modeling.checkpoint import load_checkpoint
     from agecli.store import FaceStore
 
     session = ort.InferenceSession(onnx_export["path"], providers=["CPUExecutionProvider"])
@@ -46,7 +46,7 @@ def test_onnx_metadata_and_dynamic_batch(onnx_export, bench_run):
     five = exported.run(x)["age"]
     one = np.concatenate([exported.run(x[i:i + 1])["age"] for i in range(5)])
     assert five.shape == (5,) and np.allclose(five, one, atol=1e-4)
-    from agecli.data import to_input
+    from agecli.data.batches import to_input
 
     with torch.inference_mode():
         ref = ck_spec.build_encoding().predict(model(to_input(torch.from_numpy(faces), 48, ck_spec.mean,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agecli.faces import (TEMPLATES, Detection, ImageError, align, iou, map_points, pick_face,
+from agecli.data.faces import (TEMPLATES, Detection, ImageError, align, iou, map_points, pick_face,
                           read_image, resize_crop, similarity_transform, template_pixels)
 from agecli.store import Alignment
 
@@ -121,7 +121,7 @@ def test_mtcnn_on_real_photo():
     if not path.exists():
         pytest.skip(f"real photos not found at {SHARED / 'photos'}")
     pytest.importorskip("facenet_pytorch", reason="facenet-pytorch is not installed")
-    from agecli.faces import Detector
+    from agecli.data.faces import Detector
 
     image = read_image(path)
     big = cv2.resize(image, (1024, 1024))  # detection runs on a 512 copy; boxes must scale back

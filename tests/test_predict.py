@@ -28,7 +28,7 @@ def test_group_photo_and_no_face(model, tmp_path):
     _need_photos()
     import cv2
 
-    from agecli.predict import predict
+    from agecli.stages.predict import predict
 
     blank = tmp_path / "wall.png"
     cv2.imwrite(str(blank), np.full((200, 300, 3), 128, np.uint8))
@@ -50,7 +50,7 @@ def test_group_photo_and_no_face(model, tmp_path):
 
 def test_bad_inputs(model, tmp_path):
     pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
-    from agecli.predict import predict
+    from agecli.stages.predict import predict
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"this is not a jpeg at all")
@@ -70,7 +70,7 @@ def test_video_tracking_and_smoothing(model, tmp_path):
     _need_photos()
     import cv2
 
-    from agecli.predict import predict
+    from agecli.stages.predict import predict
 
     photo = cv2.imread(str(PHOTOS / "astronaut.png"))
     photo = cv2.resize(photo, (320, 320))
@@ -96,8 +96,8 @@ def test_video_tracking_and_smoothing(model, tmp_path):
 
 def test_onnx_export_predicts_like_checkpoint(model, tmp_path):
     _need_photos()
-    from agecli.export import export
-    from agecli.predict import predict
+    from agecli.stages.export import export
+    from agecli.stages.predict import predict
 
     exported = export(model, "onnx", out=tmp_path / "m.onnx")
     a = predict([PHOTOS / "astronaut.png"], model)["rows"]

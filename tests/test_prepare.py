@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from agecli.errors import AgecliError
-from agecli.prepare import DEFAULTS, prepare
+from agecli.stages.prepare import DEFAULTS, prepare
 from agecli.rundir import read_json
 from agecli.store import FaceStore
 

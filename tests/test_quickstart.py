@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from agecli.quickstart import QUICKSTART_RECIPE, SAMPLE_DIR, SAMPLE_PHOTOS, quickstart
-from agecli.recipes import load_recipe, run_recipe
+from agecli.recipes.quickstart import QUICKSTART_RECIPE, SAMPLE_DIR, SAMPLE_PHOTOS, quickstart
+from agecli.recipes.runner import load_recipe, run_recipe
 
 MAX_SAMPLE_BYTES = 3 << 20
 
@@ -59,8 +59,8 @@ def test_quickstart_end_to_end(tmp_path):
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0], "the student learns the pseudo-labels"
 
     # the student checkpoint loads by itself and predicts an age per face
-    from agecli.checkpoint import load_checkpoint
-    from agecli.data import to_input
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.data.batches import to_input
     from agecli.store import FaceStore
 
     assert result["student"] == str(run / "distill" / "student" / "student.pt")

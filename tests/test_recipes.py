@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from agecli.errors import AgecliError
-from agecli.recipes import STAGE_KINDS, apply_override, load_recipe, needs, parse_recipe, plan, run_recipe, Recipe
-from agecli.report import seed_groups
+from agecli.recipes.runner import STAGE_KINDS, apply_override, load_recipe, needs, parse_recipe, plan, run_recipe, Recipe
+from agecli.stages.report import seed_groups
 from conftest import build_store, synthetic_faces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_unknown_key_names_stage_key_valid_keys_and_suggestion(tmp_path):
     assert "[train/teacher]" in message
     assert "unknown key 'epoch'" in message
     assert "did you mean 'epochs'" in message
-    assert "Valid keys for train (agecli.train.train)" in message
+    assert "Valid keys for train (agecli.stages.train.train)" in message
     assert "batch_size" in message and "warmup_epochs" in message  # TrainOptions fields count as keys
 
 
@@ -145,7 +145,7 @@ def test_recipe_runs_copies_itself_skips_completed_and_refuses_changed(tmp_path)
     assert (run / "recipe.yaml").read_text().endswith(text)
 
     # the recipe's options reached the library: the checkpoint and history say so, and it learned
-    from agecli.checkpoint import read_checkpoint
+    from agecli.modeling.checkpoint import read_checkpoint
     import pandas as pd
 
     spec = read_checkpoint(run / "train" / "tiny" / "best.pt")["spec"]
@@ -224,7 +224,7 @@ def test_only_selects_steps_and_unknown_labels_are_named(tmp_path):
 def test_cli_step_and_jobs_options(tmp_path):
     from typer.testing import CliRunner
 
-    from agecli.cli import app
+    from agecli.cli.app import app
 
     path = tmp_path / "r.yaml"
     path.write_text(TWO_TRAIN_STEPS)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from agecli.checkpoint import ModelSpec, save_checkpoint
-from agecli.encodings import AGES, build_encoding
+from agecli.modeling.checkpoint import ModelSpec, save_checkpoint
+from agecli.modeling.encodings import AGES, build_encoding
 from agecli.errors import AgecliError
-from agecli.models import build_model
+from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
-from agecli.teachers import (Ensemble, OnnxSpec, OnnxTeacher, Teacher, TeacherOutput, ages_to_support,
+from agecli.stages.teachers import (Ensemble, OnnxSpec, OnnxTeacher, Teacher, TeacherOutput, ages_to_support,
                              alignment_geometry, crop_transform, dlib_age, dlib_chip_geometry, grid_theta,
                              groups_to_support, load_teacher, predict_teacher, soften, template_geometry)
 

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from agecli.checkpoint import ModelSpec, load_checkpoint, read_checkpoint
-from agecli.encodings import build_encoding
+from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint
+from agecli.modeling.encodings import build_encoding
 from agecli.errors import AgecliError
-from agecli.evaluate import predict_store, score
-from agecli.models import build_model
+from agecli.stages.evaluate import predict_store, score
+from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
-from agecli.train import TrainOptions, fit, train
+from agecli.stages.train import TrainOptions, fit, train
 
 from conftest import build_store, synthetic_faces
 
@@ -165,7 +165,7 @@ def test_init_from_checkpoint_state_dict_and_mismatch(synthetic_run, tmp_path):
 def test_cli_train_json_and_resume(synthetic_run):
     from typer.testing import CliRunner
 
-    from agecli.cli import app
+    from agecli.cli.app import app
 
     runner = CliRunner()
     args = ["train", "--run", str(synthetic_run), "--arch", "mobilenet", "--size", "32", "--epochs", "1",
@@ -196,7 +196,7 @@ def test_time_limit_cuts_the_schedule_and_a_generous_one_does_not(synthetic_run,
 
 
 def test_epochs_within_predicts_from_the_epochs_after_the_first():
-    from agecli.train import epochs_within
+    from agecli.stages.train import epochs_within
 
     assert epochs_within(100.0, [30.0], 50) == 50          # one slow first epoch decides nothing yet
     assert epochs_within(100.0, [80.0], 50) == 1           # ... unless another would not fit at all
@@ -207,7 +207,7 @@ def test_epochs_within_predicts_from_the_epochs_after_the_first():
 
 
 def test_view_size_hands_the_loss_the_same_crop_at_the_larger_size(synthetic_run, tmp_path):
-    from agecli.data import normalise, resize
+    from agecli.data.batches import normalise, resize
 
     store, model, spec = _setup(synthetic_run)   # 48 px store, 32 px model
     enc = spec.build_encoding()
@@ -226,7 +226,7 @@ def test_view_size_hands_the_loss_the_same_crop_at_the_larger_size(synthetic_run
 
 @pytest.mark.shared_data
 def test_one_augmentation_draw_gives_the_same_crop_at_any_size():
-    from agecli.data import Augment, resize, to_unit
+    from agecli.data.batches import Augment, resize, to_unit
     from conftest import utkface_faces
 
     images, _ = utkface_faces(16, 128)
@@ -264,7 +264,7 @@ def test_dlib_resnet6_is_the_cc0_network_without_its_identity_blocks_and_fine_tu
 
 
 def test_device_auto_picks_cuda_only_when_torch_sees_a_gpu(synthetic_run, monkeypatch):
-    from agecli.distributed import resolve_device
+    from agecli.engine.distributed import resolve_device
 
     assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

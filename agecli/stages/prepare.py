@@ -1,0 +1,452 @@
+"""The prepare stage: dataset on disk -> aligned, labelled, split faces in RUN/prepare/.
+
+    prepare("utkface", "../shared/data/utkface/UTKFace")            # -> runs/utkface/prepare/
+
+Steps: parse the dataset (agecli.datasets) -> hash every image's bytes (duplicates share a
+`content` key and a split) -> assign splits -> detect, choose and align faces chunk by chunk
+-> consolidate into the face store (agecli.store): faces.npy, records.csv, rejects.csv,
+missing.txt, manifest.json.
+
+Resumable: the sample list is cut into fixed chunks; each finished chunk is written
+atomically to RUN/prepare/.work/<key>/chunk_NNNNN.npz, where <key> hashes everything that
+changes the output. A killed run loses at most the chunks in flight; re-running skips the
+finished ones and produces byte-identical results. `shard="I/N"` (1-based) processes only
+chunks I-1, I-1+N, ... so several jobs can share one run folder; a later run without
+`shard` does what is left and consolidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agecli import FORMAT_VERSION
+from agecli.data.datasets import Parsed, Sample, get_dataset
+from agecli.errors import AgecliError
+from agecli.labels import GROUP_NAMES
+from agecli.progress import ProgressFn
+from agecli.rundir import Stage, atomic_path, fingerprint_listing, read_json, runs_root, write_csv, write_text
+from agecli.store import RECORD_COLUMNS, Alignment
+
+# Every default of the stage, in one place.
+DEFAULTS: dict[str, Any] = {
+    "size": 128,            # (int) output side of the aligned crops, pixels
+    "margin": 0.4,          # (float) context around the template, fraction of the template crop
+    "template": "arcface5",  # (str) 5-point template, see agecli.faces.TEMPLATES
+    "max_side": 640,        # (int) images are scaled to this longer side for detection
+    "min_score": 0.9,       # (float) detections below this MTCNN probability are ignored
+    "val_fraction": 0.1,    # (float) seeded validation share (by subject, else by content)
+    "test_fraction": 0.2,   # (float) seeded test share where the dataset has no official split
+    "chunk_mtcnn": 64,      # (int) images per resumable chunk with a detector
+    "chunk_none": 1024,     # (int) images per chunk with --detector none
+}
+
+
+# Adience's faces/ crops are centred on the labelled face, which spans about half the crop
+# (MTCNN boxes on the 19 sample crops: 200-320 px of ~600); used to pick the face and as
+# the fallback when detection fails.
+CROP_CENTRE_FRACTION = 0.5
+
+
+def _subset(samples: list, limit: int, seed: int) -> list:
+    """`limit` samples drawn at random (seeded), kept in listing order. The first N would
+    not do: UTKFace names start with the age, so in sorted order they are a few ages only
+    (100-116, then 10-19, then 1)."""
+    if limit >= len(samples):
+        return list(samples)
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
+    return [samples[i] for i in keep]
+
+
+# --------------------------------------------------------------------------- public API
+def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None = None, *,
+            size: int = DEFAULTS["size"], margin: float = DEFAULTS["margin"],
+            template: str = DEFAULTS["template"], detector: str | None = None, device: str = "cpu",
+            workers: int | None = None, limit: int | None = None, shard: str | None = None,
+            strict: bool = False, seed: int = 0, val_fraction: float = DEFAULTS["val_fraction"],
+            test_fraction: float = DEFAULTS["test_fraction"], max_side: int = DEFAULTS["max_side"],
+            min_score: float = DEFAULTS["min_score"], progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Prepare `dataset` found at `root` into RUN/prepare/; returns the results dict."""
+    started = time.perf_counter()
+    spec = get_dataset(dataset)
+    root = Path(root)
+    detector = detector or spec.default_detector
+    if detector not in ("mtcnn", "none"):
+        raise AgecliError(f"unknown detector {detector!r}; choose mtcnn or none.")
+    if detector == "mtcnn":
+        from agecli.data.faces import template_points
+
+        template_points(template)  # unknown template -> error before any work
+    if not 16 <= size <= 1024:
+        raise AgecliError(f"--size {size} is out of range; use 16..1024 pixels (e.g. 128).")
+    if not 0 <= margin <= 3:
+        raise AgecliError(f"--margin {margin} is out of range; use 0..3 (0.4 = 40% extra context).")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise AgecliError("--val-fraction and --test-fraction must be in [0, 1) and sum to less than 1.")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AgecliError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+    shard_index, shard_count = _parse_shard(shard)
+    run = Path(run) if run is not None else runs_root() / dataset
+
+    parsed = spec.parse(root, strict=strict)
+    samples = _subset(parsed.samples, limit, seed) if limit else parsed.samples
+    alignment = (Alignment(method="similarity", size=size, margin=margin, template=template)
+                 if detector == "mtcnn" else
+                 Alignment(method="resize", size=size, margin=0.0, template=spec.native_template))
+    settings = dict(dataset=dataset, alignment=alignment.to_dict(), detector=detector, max_side=max_side,
+                    min_score=min_score, min_face_fraction=spec.min_face_fraction,
+                    pad_fraction=spec.pad_fraction, all_faces=spec.all_faces, crop_centred=spec.crop_centred,
+                    format=FORMAT_VERSION)
+    listing = fingerprint_listing(parsed.image_root, [parsed.image_root / s.path for s in samples])
+    key = hashlib.sha256(json.dumps([settings, listing, seed, val_fraction, test_fraction],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    args = dict(dataset=dataset, root=str(root), size=size, margin=margin, template=template, detector=detector,
+                device=device, workers=workers, limit=limit, shard=shard, strict=strict, seed=seed,
+                val_fraction=val_fraction, test_fraction=test_fraction, max_side=max_side, min_score=min_score)
+
+    stage_dir = run / "prepare"
+    previous = stage_dir / "manifest.json"
+    if shard is None and previous.exists():
+        old = read_json(previous)
+        if old.get("status") == "complete" and old.get("work_key") == key:
+            results = dict(old.get("results", {}))
+            results["reused"] = True
+            return results
+
+    inputs = {"root": str(root.resolve()), "listing": listing, "samples": len(samples)}
+    with Stage(run, "prepare", args=args, inputs=inputs) as stage:
+        stage.set(work_key=key, dataset=dataset, alignment=alignment.to_dict())
+        work = stage.dir / ".work" / key
+        work.mkdir(parents=True, exist_ok=True)
+        for stale in (stage.dir / ".work").iterdir():   # chunks made with other settings
+            if stale.name != key and shard is None:
+                shutil.rmtree(stale, ignore_errors=True)
+
+        contents, hash_rejects = _hash_files(parsed.image_root, samples)
+        splits = assign_splits(samples, contents, seed=seed, val_fraction=val_fraction,
+                               test_fraction=test_fraction)
+        chunk = DEFAULTS["chunk_mtcnn"] if detector == "mtcnn" else DEFAULTS["chunk_none"]
+        jobs = []
+        for k, start in enumerate(range(0, len(samples), chunk)):
+            if shard_count and k % shard_count != shard_index:
+                continue
+            items = [(asdict(s), contents.get(s.path, ""), splits[i])
+                     for i, s in enumerate(samples[start:start + chunk], start=start)]
+            jobs.append((k, work / f"chunk_{k:05d}.npz", items))
+        todo = [j for j in jobs if not j[1].exists()]
+        reused = len(jobs) - len(todo)
+        config = dict(settings, device=device, root=str(parsed.image_root), threads=1)
+        total_images = sum(len(j[2]) for j in jobs)
+        done_images = sum(len(j[2]) for j in jobs if j[1].exists())
+        if progress:
+            progress("prepare", done_images, total_images)
+        n_workers = _workers(workers, detector, device, len(todo))
+        for k, count in _run_chunks(todo, config, n_workers):
+            done_images += count
+            if progress:
+                progress("prepare", done_images, total_images)
+
+        quirks = Counter(parsed.quirks)
+        duplicates = _duplicate_report(samples, contents)
+        if shard is not None:
+            results = dict(dataset=dataset, shard=shard, chunks=len(jobs), chunks_reused=reused,
+                           images=total_images, elapsed_s=round(time.perf_counter() - started, 2))
+            stage.set(status="partial", results=results)
+            return results
+
+        # ---------------------------------------------------------- consolidate
+        n_chunks = math.ceil(len(samples) / chunk) if samples else 0
+        paths = [work / f"chunk_{k:05d}.npz" for k in range(n_chunks)]
+        absent = [p.name for p in paths if not p.exists()]
+        if absent:  # cannot happen without --shard; guard against a deleted .work
+            raise AgecliError(f"{work}: chunks {absent[:3]} are missing; re-run prepare without --shard.")
+        records, rejects = [], [asdict(r) for r in parsed.rejects] + hash_rejects
+        counts = []
+        for path in paths:
+            with np.load(path) as data:
+                meta = json.loads(str(data["meta"]))
+            records.extend(meta["records"])
+            rejects.extend(meta["rejects"])
+            counts.append(len(meta["records"]))
+        faces_path = stage.path("faces.npy")
+        with atomic_path(faces_path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(sum(counts), size, size, 3))
+            offset = 0
+            for path, n in zip(paths, counts):
+                if n:
+                    with np.load(path) as data:
+                        out[offset:offset + n] = data["faces"]
+                offset += n
+            out.flush()
+            del out
+        frame = pd.DataFrame(records, columns=RECORD_COLUMNS)
+        write_csv(stage.path("records.csv"), frame)
+        reject_frame = pd.DataFrame(rejects, columns=["path", "reason", "detail"])
+        write_csv(stage.path("rejects.csv"), reject_frame)
+        write_text(stage.path("missing.txt"), "".join(f"{m}\n" for m in parsed.missing))
+        elapsed = time.perf_counter() - started
+        results = _results(dataset, root, run, parsed, samples, frame, reject_frame, quirks, duplicates,
+                           elapsed, reused, len(paths), n_workers)
+        shutil.rmtree(stage.dir / ".work", ignore_errors=True)
+        stage.set(dataset=dataset, alignment=alignment.to_dict(),
+                  protocol=_protocol(spec, frame, seed, val_fraction, test_fraction),
+                  label_space=_label_space(spec), detection=settings)
+        stage.complete(results)
+        return results
+
+
+# --------------------------------------------------------------------------- splits
+def _unit(seed: int, key: str) -> float:
+    return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:13], 16) / 16 ** 13
+
+
+def assign_splits(samples: list[Sample], contents: dict[str, str], *, seed: int, val_fraction: float,
+                  test_fraction: float) -> list[str]:
+    """train/val/test per sample, deterministic given the seed.
+
+    Official splits are kept (a val share is carved, by group, from train if the dataset has
+    none). Otherwise whole groups go to one split, a group being the samples connected by a
+    shared subject or shared file content (so duplicates and people never straddle splits).
+    """
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    keys = []
+    for s in samples:
+        content = contents.get(s.path, "")
+        ids = [f"c:{content}" if content else f"p:{s.path}"] + ([f"s:{s.subject}"] if s.subject else [])
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        keys.append(ids[0])
+    has_official = any(s.split for s in samples)
+    has_val = any(s.split == "val" for s in samples)
+    out = []
+    for s, key in zip(samples, keys):
+        u = _unit(seed, find(key))
+        if has_official:
+            split = s.split or "train"
+            if split == "train" and not has_val and u < val_fraction:
+                split = "val"
+        else:
+            split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        out.append(split)
+    return out
+
+
+# --------------------------------------------------------------------------- hashing
+def _hash_files(image_root: Path, samples: list[Sample]) -> tuple[dict[str, str], list[dict]]:
+    contents, rejects = {}, []
+    for s in samples:
+        if s.path in contents:
+            continue
+        try:
+            contents[s.path] = hashlib.sha1((image_root / s.path).read_bytes()).hexdigest()
+        except OSError as exc:
+            rejects.append(dict(path=s.path, reason="unreadable", detail=f"{exc.__class__.__name__}"))
+    return contents, rejects
+
+
+def _duplicate_report(samples: list[Sample], contents: dict[str, str]) -> dict[str, int]:
+    by_content: dict[str, list[Sample]] = {}
+    for s in samples:
+        if s.path in contents:
+            by_content.setdefault(contents[s.path], []).append(s)
+    groups = [g for g in by_content.values() if len(g) > 1]
+    conflicting = sum(1 for g in groups if len({(s.age, s.gender) for s in g}) > 1)
+    return dict(groups=len(groups), files=sum(len(g) for g in groups), conflicting_labels=conflicting)
+
+
+# --------------------------------------------------------------------------- workers
+def _workers(workers: int | None, detector: str, device: str, n_jobs: int) -> int:
+    if workers is not None:
+        return max(0, workers)
+    if detector == "none" or device.startswith("cuda") or n_jobs < 2:
+        return 0  # in-process: decoding crops is cheap; a GPU batches better from one process
+    return min(os.cpu_count() or 1, n_jobs, 8)
+
+
+def _run_chunks(todo, config, n_workers):
+    if not todo:
+        return
+    if n_workers <= 1:
+        import torch
+
+        threads = torch.get_num_threads() if config["detector"] == "mtcnn" else 1
+        worker = _ChunkWorker(dict(config, threads=threads))
+        for k, path, items in todo:
+            yield k, worker.run(path, items)
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(n_workers, initializer=_init_worker, initargs=(config,)) as pool:
+        for k, count in pool.imap_unordered(_pool_job, todo):
+            yield k, count
+
+
+_WORKER: "_ChunkWorker | None" = None
+
+
+def _init_worker(config: dict) -> None:
+    global _WORKER
+    _WORKER = _ChunkWorker(config)
+
+
+def _pool_job(job) -> tuple[int, int]:
+    k, path, items = job
+    return k, _WORKER.run(path, items)
+
+
+class _ChunkWorker:
+    """Decode, detect, choose and align one chunk; write it atomically as an .npz."""
+
+    def __init__(self, config: dict):
+        from agecli.data import faces
+
+        self.faces = faces
+        self.config = config
+        self.root = Path(config["root"])
+        self.alignment = Alignment.from_dict(config["alignment"])
+        self.detector = None
+        if config["detector"] == "mtcnn":
+            import torch
+
+            torch.set_num_threads(max(1, int(config.get("threads", 1))))
+            self.detector = faces.Detector(device=config["device"], max_side=config["max_side"],
+                                           min_face_fraction=config["min_face_fraction"],
+                                           min_score=config["min_score"], pad_fraction=config["pad_fraction"],
+                                           batch_size=64 if config["device"].startswith("cuda") else 16)
+
+    def run(self, path: Path, items: list) -> int:
+        faces_mod, size = self.faces, self.alignment.size
+        records, rejects, crops = [], [], []
+        loaded = []
+        for sample, content, split in items:
+            if not content:
+                continue  # unreadable: already rejected while hashing
+            try:
+                image = faces_mod.read_image(self.root / sample["path"])
+            except faces_mod.ImageError as exc:
+                rejects.append(dict(path=sample["path"], reason=exc.reason, detail=exc.detail))
+                continue
+            loaded.append((sample, content, split, image))
+        if self.detector is None:
+            for sample, content, split, image in loaded:
+                crops.append(faces_mod.resize_crop(image, size))
+                records.append(_record(sample, content, split, "none", None, "only"))
+        else:
+            found = self.detector.detect([item[3] for item in loaded], retry=not self.config["all_faces"])
+            for (sample, content, split, image), dets in zip(loaded, found):
+                if not dets and self.config["crop_centred"]:
+                    # the crop is centred on the labelled face (Adience): align the centre
+                    marks = faces_mod.centre_landmarks(image.shape, CROP_CENTRE_FRACTION, self.alignment.template)
+                    crops.append(faces_mod.align(image, marks, self.alignment))
+                    records.append(_record(sample, content, split, "none", None, "crop_centre_fallback"))
+                    continue
+                if not dets:
+                    rejects.append(dict(path=sample["path"], reason="no_face", detail=""))
+                    continue
+                if self.config["all_faces"]:
+                    chosen = [(i, "all") for i in range(len(dets))]
+                else:
+                    hint, name = sample["box"], "metadata_box"
+                    if hint is None and self.config["crop_centred"]:
+                        h, w = image.shape[:2]
+                        side = CROP_CENTRE_FRACTION * min(h, w)
+                        hint, name = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2), "crop_centre"
+                    index, how = faces_mod.pick_face(dets, image.shape, hint)
+                    chosen = [(index, name if how == "metadata_box" else how)]
+                for index, how in chosen:
+                    det = dets[index]
+                    crops.append(faces_mod.align(image, det.landmarks, self.alignment))
+                    records.append(_record(sample, content, split, "mtcnn", det, how))
+        array = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+        meta = json.dumps(dict(records=records, rejects=rejects))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, faces=array, meta=np.array(meta))
+        return len(items)
+
+
+def _record(sample: dict, content: str, split: str, detector: str, det, chosen_by: str) -> dict:
+    return dict(path=sample["path"], age=sample["age"], age_std=sample["age_std"], gender=sample["gender"],
+                race=sample["race"], group=sample["group"], fold=sample["fold"], subject=sample["subject"],
+                split=split, content=content, detector=detector,
+                score=round(det.score, 5) if det is not None else math.nan,
+                box=" ".join(f"{v:.1f}" for v in det.box) if det is not None else "",
+                landmarks=" ".join(f"{v:.1f}" for v in det.landmarks.reshape(-1)) if det is not None else "",
+                chosen_by=chosen_by)
+
+
+# --------------------------------------------------------------------------- reporting
+def _parse_shard(shard: str | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 0
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise AgecliError(f"--shard {shard!r} must look like I/N, e.g. 1/4 (the first of four jobs).") from None
+    if not 1 <= i <= n:
+        raise AgecliError(f"--shard {shard}: I must be between 1 and N.")
+    return i - 1, n
+
+
+def _results(dataset, root, run, parsed: Parsed, samples, frame: pd.DataFrame, rejects: pd.DataFrame,
+             quirks, duplicates, elapsed, reused, n_chunks, n_workers) -> dict[str, Any]:
+    ages = frame["age"].astype(float).dropna()
+    labels: dict[str, Any] = {}
+    if len(ages):
+        labels["age"] = dict(mean=round(float(ages.mean()), 2), min=float(ages.min()), max=float(ages.max()))
+    labels["gender"] = {name: int((frame["gender"] == code).sum())
+                        for code, name in ((0, "male"), (1, "female"), (-1, "unknown"))}
+    groups = frame["group"][frame["group"] >= 0]
+    if len(groups):
+        labels["group"] = {GROUP_NAMES[g]: int(c) for g, c in sorted(Counter(groups.tolist()).items())}
+    faces = len(frame)
+    return dict(
+        dataset=dataset, root=str(root), run=str(run),
+        rows=parsed.rows, samples=len(samples), images_seen=len(samples),
+        faces_stored=faces, images_with_faces=int(frame["path"].nunique()) if faces else 0,
+        rejects={k: int(v) for k, v in sorted(Counter(rejects["reason"].tolist()).items())},
+        quirks={k: int(v) for k, v in sorted(quirks.items())},
+        missing=len(parsed.missing), duplicates=duplicates,
+        splits={k: int(v) for k, v in sorted(Counter(frame["split"].tolist()).items())},
+        chosen_by={k: int(v) for k, v in sorted(Counter(frame["chosen_by"].tolist()).items())},
+        labels=labels, chunks=n_chunks, chunks_reused=reused, workers=n_workers,
+        elapsed_s=round(elapsed, 2), faces_per_s=round(faces / elapsed, 1) if elapsed > 0 else None,
+        reused=False,
+    )
+
+
+def _protocol(spec, frame: pd.DataFrame, seed, val_fraction, test_fraction) -> dict[str, Any]:
+    folds = sorted(int(f) for f in set(frame["fold"].tolist()) if f != -1)
+    return dict(kind=spec.protocol, folds=folds if spec.protocol in ("folds", "loso") else [],
+                split_groups="subject and content" if spec.protocol in ("folds", "loso") else "content",
+                seed=seed, val_fraction=val_fraction,
+                test_fraction=None if spec.protocol == "official" else test_fraction)
+
+
+def _label_space(spec) -> dict[str, Any]:
+    return dict(kind=spec.label_space, age={"group": "group_midpoint", "age": "years",
+                                            "apparent_age": "mean_of_votes", "none": None}[spec.label_space],
+                groups=list(GROUP_NAMES), gender="0 male, 1 female, -1 unknown")
