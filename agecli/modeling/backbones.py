@@ -17,6 +17,7 @@ from torch import nn
 
 from agecli.modeling.dlib_resnet import (DLIB_MEAN, DLIB_STD, IDENTITY_BLOCKS, DlibResNet10, init_age_head_from_dlib,
                           load_dlib_weights)
+from agecli.modeling.dlib_facerec import FACEREC_MEAN, FACEREC_STD, DlibFaceRec, load_facerec_weights
 from agecli.modeling.encodings import Encoding
 from agecli.errors import AgecliError
 
@@ -78,10 +79,16 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("dlib_resnet10", 64, "teacher", None, DLIB_MEAN, DLIB_STD, ("dlib",)),
     # the same without its three identity blocks: a pretrained student (see DlibResNet10)
     Backbone("dlib_resnet6", 56, "student", None, DLIB_MEAN, DLIB_STD, ("dlib",)),
+    # dlib's CC0 face-recognition ResNet (3 M faces of 7,485 people), fine-tunable; see dlib_facerec.py
+    Backbone("dlib_facerec", 150, "teacher", None, FACEREC_MEAN, FACEREC_STD, ("dlib",)),
+    # its first three stages (widths 32-128, 1.15 M parameters): a student that keeps face-recognition features
+    Backbone("dlib_facerec3", 112, "student", None, FACEREC_MEAN, FACEREC_STD, ("dlib",)),
 )}
 
 # dlib variants: which identity blocks each leaves out
 _DLIB_DROP = {"dlib_resnet10": (), "dlib_resnet6": IDENTITY_BLOCKS}
+# face-recognition variants: how many of the four width stages each keeps
+_FACEREC_STAGES = {"dlib_facerec": 4, "dlib_facerec3": 3}
 
 ALIASES = {
     "mobilenet": "mobilenet_v3_small",
@@ -93,6 +100,7 @@ ALIASES = {
     "resnet": "resnet50",
     "vgg": "vgg16",
     "dlib": "dlib_resnet10",
+    "facerec": "dlib_facerec",
 }
 
 
@@ -129,7 +137,8 @@ class AgeModel(nn.Module):
 def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
                 pretrained: str | None = None) -> AgeModel:
     """Build an age model. `pretrained`: None (from scratch), "imagenet" (torchvision's
-    default weights) or "dlib" (the CC0 age model, for the dlib_resnet* backbones)."""
+    default weights) or "dlib" (dlib's CC0 weights: the age model for the dlib_resnet*
+    backbones, the face-recognition network for the dlib_facerec* ones)."""
     import torchvision
 
     arch = resolve_arch(arch)
@@ -146,6 +155,8 @@ def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
             weight, bias = load_dlib_weights(backbone)
             init_age_head_from_dlib(model.age_head, weight, bias)
         return model
+    if arch in _FACEREC_STAGES:
+        return _facerec_model(_FACEREC_STAGES[arch], encoding, gender, pretrained == "dlib")
     weights = None
     if pretrained == "imagenet":
         weights = torchvision.models.get_model_weights(arch).DEFAULT
@@ -153,6 +164,16 @@ def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
     backbone, dim = spec.strip(torchvision.models.get_model(arch, weights=weights))
     _fast_batchnorm_statistics(backbone)
     return AgeModel(backbone, dim, encoding, gender)
+
+
+def _facerec_model(stages: int, encoding: Encoding, gender: bool, pretrained: bool) -> AgeModel:
+    backbone = DlibFaceRec(stages=stages)
+    if pretrained:
+        load_facerec_weights(backbone)
+    # the 128-D identity embedding is not used for age (the pooled features carry more of
+    # it); leaving it out keeps every parameter trained, which DDP requires
+    backbone.embedding = None
+    return AgeModel(backbone, backbone.feature_dim, encoding, gender)
 
 
 def _fast_batchnorm_statistics(module: nn.Module, momentum: float = 0.1) -> None:
