@@ -1,15 +1,18 @@
 """agecli: turn face photos into fast, accurate age (and gender) estimators.
 
-The pipeline is one module per stage, each usable from Python without the CLI:
+Every stage is a function usable from Python without the CLI:
 
-    prepare  -> agecli.prepare.prepare(...)     faces detected, aligned, split, stored
-    train    -> agecli.train.train(...)         a teacher (or any model) fine-tuned
-    eval     -> agecli.evaluate.evaluate(...)   standard metrics for a checkpoint
-    distill  -> agecli.distill.distill(...)     a small student taught by teacher(s)
-    bench    -> agecli.bench.bench(...)         error, latency, robustness, in one table
+    prepare  -> agecli.stages.prepare.prepare(...)    faces detected, aligned, split, stored
+    train    -> agecli.stages.train.train(...)        a teacher (or any model) fine-tuned
+    eval     -> agecli.stages.evaluate.evaluate(...)  standard metrics for a checkpoint
+    distill  -> agecli.stages.distill.distill(...)    a small student taught by teacher(s)
+    bench    -> agecli.stages.bench.bench(...)        error, latency, robustness, in one table
+    export   -> agecli.stages.export.export(...)      ONNX / TorchScript with the model's spec
+    predict  -> agecli.stages.predict.predict(...)    ages and genders of the faces in photos
 
-Shared by all stages: `agecli.rundir` (run directories and manifests), `agecli.store`
-(the face store), `agecli.checkpoint` (self-describing model files).
+Layers, each importing only those above it: root helpers (errors, labels, progress,
+options, device, rundir, store) -> data/ and modeling/ -> engine/ -> stages/ -> recipes/
+-> cli/ (tests/test_layers.py keeps it so).
 """
 
 __version__ = "0.1.0"

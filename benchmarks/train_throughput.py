@@ -67,7 +67,9 @@ def main() -> None:
     from agecli.modeling.encodings import build_encoding
     from agecli.modeling.backbones import build_model
     from agecli.store import FaceStore
-    from agecli.stages.train import TrainOptions, _to_device, default_loss, make_optimizer
+    from agecli.engine.loop import default_loss, to_device as _to_device
+    from agecli.engine.optim import make_optimizer
+    from agecli.options import TrainOptions
 
     device = args.device
     cuda = device.startswith("cuda")

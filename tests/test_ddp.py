@@ -14,7 +14,8 @@ from agecli.modeling.checkpoint import ModelSpec, read_checkpoint
 from agecli.modeling.encodings import build_encoding
 from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
-from agecli.stages.train import TrainOptions, fit
+from agecli.engine.loop import fit
+from agecli.options import TrainOptions
 
 
 def _free_port() -> int:

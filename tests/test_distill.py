@@ -18,7 +18,7 @@ from agecli.errors import AgecliError
 from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
 from agecli.stages.teachers import TeacherOutput
-from agecli.stages.train import TrainOptions
+from agecli.options import TrainOptions
 
 from conftest import build_store, synthetic_faces
 
@@ -200,7 +200,7 @@ def test_soft_and_hint_teach_the_student_to_agree_with_its_teacher(teacher_setup
                      alpha=0.0, options=options)
     out = run / "distill" / "squeezenet1_1_from_teacher.onnx"
     assert result["dir"] == str(out)
-    for name in ("student.pt", "best.pt", "last.pt", "history.csv", "learning_curve.png", "metrics.json",
+    for name in ("best.pt", "last.pt", "history.csv", "learning_curve.png", "metrics.json",
                  "recipe.json", "test_predictions.csv", "manifest.json"):
         assert (out / name).exists(), name
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
@@ -218,7 +218,7 @@ def test_soft_and_hint_teach_the_student_to_agree_with_its_teacher(teacher_setup
     assert metrics["speed"]["student_ms_per_face"] > 0 and metrics["speed"]["speedup"] > 0
 
     # self-describing: teachers, method and loss in the provenance; the teacher cache is reused
-    model, spec = load_checkpoint(out / "student.pt")
+    model, spec = load_checkpoint(out / "best.pt")
     assert spec.provenance["method"] == ["soft", "hint"]
     assert [t["name"] for t in spec.provenance["loss"]] == ["soft", "hint"]
     assert spec.provenance["teachers"]["path"] == str(teacher) and spec.provenance["teachers"]["kind"] == "onnx"
@@ -379,3 +379,19 @@ def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
         distill(run, teachers=[str(teacher)], method=["soft", "hint"], size=32, teacher_views=2, options=options)
     with pytest.raises(AgecliError, match="--no-augment"):
         distill(run, teachers=[str(teacher)], size=32, teacher_views=2, options=replace(options, augment=False))
+
+
+def test_distill_options_are_one_source_for_keywords_and_validation():
+    from agecli.options import DistillOptions
+
+    assert DistillOptions(method="soft").method == ("soft",)
+    assert DistillOptions(method=["soft", "hint", "soft"]).to_dict()["method"] == ["soft", "hint"]
+    with pytest.raises(AgecliError, match="unknown method"):
+        DistillOptions(method=["dark"])
+    with pytest.raises(AgecliError, match="--teacher-views must be 0"):
+        DistillOptions(teacher_views=-1)
+    with pytest.raises(AgecliError, match="--rank-k"):
+        DistillOptions(rank_k=1)
+    # distill's keywords are the dataclass's fields: a typo is caught before anything runs
+    with pytest.raises(TypeError, match="tempreature"):
+        distill(None, tempreature=2.0)

@@ -197,12 +197,16 @@ def test_backbones_start_from_the_face_recognition_weights_and_round_trip(pretra
 
     enc = build_encoding("ldae")
     teacher = build_model("dlib_facerec", enc, gender=True, pretrained="dlib").eval()
-    student = build_model("facerec", enc, pretrained="dlib").backbone  # the alias
-    assert teacher.backbone.embedding is None and teacher.feature_dim == 256
-    x = torch.randn(2, 3, 150, 150, generator=torch.Generator().manual_seed(0))
+    student = build_model("facerec", enc, pretrained="dlib").backbone.body  # the alias
+    assert teacher.backbone.body.embedding is None and teacher.feature_dim == 256
+    x = torch.randn(4, 3, 150, 150, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(teacher(x)["features"], pretrained(x))
-    small = build_model("dlib_facerec3", enc, pretrained="dlib").backbone.state_dict()
+        assert torch.equal(teacher.backbone.body(x), pretrained(x))
+        teacher.backbone.norm.momentum = None  # a cumulative average: exact after one batch
+        teacher.train()(x)  # the feature norm learns the features' statistics, then standardises them
+        features = teacher.eval()(x)["features"]
+        assert torch.allclose(features.mean(0), torch.zeros(256), atol=0.05)
+    small = build_model("dlib_facerec3", enc, pretrained="dlib").backbone.body.state_dict()
     full = student.state_dict()
     assert small and all(torch.equal(value, full[name]) for name, value in small.items())
     assert BACKBONES["dlib_facerec3"].mean == fr.FACEREC_MEAN and BACKBONES["dlib_facerec"].default_size == 150

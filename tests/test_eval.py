@@ -12,7 +12,8 @@ import torch
 from agecli.modeling.checkpoint import ModelSpec, save_checkpoint
 from agecli.modeling.encodings import build_encoding
 from agecli.errors import AgecliError
-from agecli.stages.evaluate import age_metrics, evaluate
+from agecli.engine.metrics import age_metrics
+from agecli.stages.evaluate import evaluate
 from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
 

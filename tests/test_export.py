@@ -55,7 +55,7 @@ def test_onnx_metadata_and_dynamic_batch(onnx_export, bench_run):
 
 
 def test_torchscript_export_roundtrip(bench_run, tmp_path):
-    result = export(bench_run / "distill" / "shufflenet" / "student.pt", "torchscript",
+    result = export(bench_run / "distill" / "shufflenet" / "best.pt", "torchscript",
                     out=tmp_path / "student.torchscript")
     assert result["parity"]["passed"] and result["parity"]["max_abs_age"] < 1e-3
     loaded = load_exported(tmp_path / "student.torchscript")
@@ -63,7 +63,7 @@ def test_torchscript_export_roundtrip(bench_run, tmp_path):
 
 
 def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):
-    result = export(bench_run / "distill" / "shufflenet" / "student.pt", "onnx", out=tmp_path / "s.onnx",
+    result = export(bench_run / "distill" / "shufflenet" / "best.pt", "onnx", out=tmp_path / "s.onnx",
                     quantize="int8")
     q = result["quantized"]
     assert q["bytes"] < q["fp32_bytes"]  # int8 weights
@@ -85,3 +85,27 @@ def test_bad_inputs_are_explained(bench_run, tmp_path):
         export(bench_run / "train" / "mobilenet_v3_small" / "best.pt", "tflite")
     with pytest.raises(AgecliError, match="needs --format onnx"):
         export(bench_run / "train" / "mobilenet_v3_small" / "best.pt", "torchscript", quantize="int8")
+
+
+# --------------------------------------------------------------------------- the homes export reads through
+def test_store_images_become_nchw_unit_tensors_in_one_place():
+    from agecli.data.batches import to_nchw_unit, to_unit as to_unit_tensor
+
+    images = torch.randint(0, 256, (2, 6, 6, 3), dtype=torch.uint8)
+    x = to_nchw_unit(images)
+    assert x.shape == (2, 3, 6, 6) and x.dtype == torch.float32
+    assert torch.equal(x[1, 2], images[1, :, :, 2].float() / 255)
+    # export's numpy copy, at the stored size, is the very same tensor
+    assert np.array_equal(to_unit(images.numpy(), 6), x.numpy()) and torch.equal(to_unit_tensor(images, 6), x)
+
+
+def test_decode_reads_age_and_female_probability():
+    from agecli.modeling.decode import decode, female_probability
+    from agecli.modeling.encodings import build_encoding
+
+    enc = build_encoding("ldae")
+    logits = torch.randn(3, enc.num_outputs)
+    age, female = decode({"age": logits, "gender": torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])}, enc)
+    assert torch.equal(age, enc.predict(logits).float())
+    assert female[0] == 0.5 and female[1] < 0.5 < female[2]
+    assert female_probability({"age": logits}) is None and decode({"age": logits}, enc)[1] is None

@@ -116,3 +116,16 @@ def test_cli_json(model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["faces"] >= 1 and data["rows"][0]["file"].endswith("astronaut.png")
+
+
+def test_cuda_asked_for_without_a_gpu_is_refused_in_one_wording(model, monkeypatch):
+    import torch
+
+    from agecli.device import require_device, resolve_device
+    from agecli.stages.predict import load_predictor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and require_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    for ask in (lambda: require_device("cuda:1"), lambda: load_predictor(model, device="cuda")):
+        with pytest.raises(AgecliError, match=r"--device cuda(:1)? was asked for but torch sees no CUDA GPU"):
+            ask()

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from agecli.errors import AgecliError
-from agecli.stages.prepare import DEFAULTS, prepare
+from agecli.stages.prepare import CHUNK_SIZES, prepare
 from agecli.rundir import read_json
 from agecli.store import FaceStore
 
@@ -60,7 +60,7 @@ def test_utkface_store_splits_and_duplicates(tmp_path):
 
 
 def test_resume_after_kill_and_shards_give_identical_output(tmp_path, monkeypatch):
-    monkeypatch.setitem(DEFAULTS, "chunk_none", 8)
+    monkeypatch.setitem(CHUNK_SIZES, "none", 8)
     root = make_utkface(tmp_path / "UTKFace", n=30)
     clean = _read(_prepared(root, tmp_path / "clean"))
 
@@ -160,3 +160,31 @@ def test_real_adience_sample(tmp_path):
     assert len(missing) == res["missing"]
     store = FaceStore.open(tmp_path / "run")
     assert set(store.records["fold"]) == {0} and store.alignment.method == "similarity"
+
+
+def test_prepare_keywords_cli_defaults_and_checks_come_from_prepare_options():
+    """PrepareOptions is the one source of prepare's defaults: the function's keywords and the
+    CLI's options are its fields, with its defaults; its checks give the CLI's wording."""
+    import dataclasses
+    import inspect
+
+    from typer.main import get_command
+
+    from agecli.cli.app import app
+    from agecli.options import PrepareOptions
+
+    fields = {f.name: f.default for f in dataclasses.fields(PrepareOptions)}
+    keywords = {p.name: p.default for p in inspect.signature(prepare).parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.name != "progress"}
+    assert keywords == fields
+    cli = {p.name: p.default for p in get_command(app).commands["prepare"].params}
+    shared = set(cli) & set(fields)
+    assert shared >= {"size", "margin", "template", "seed", "val_fraction", "test_fraction", "max_side", "device"}
+    assert {name: cli[name] for name in shared} == {name: fields[name] for name in shared}
+
+    assert PrepareOptions(shard="2/4").shard_slot() == (1, 4) and PrepareOptions().shard_slot() == (0, 0)
+    for bad, wording in (({"size": 4}, "--size 4 is out of range"), ({"detector": "dlib"}, "unknown detector"),
+                         ({"val_fraction": 0.5, "test_fraction": 0.5}, "sum to less than 1"),
+                         ({"shard": "3/2"}, "I must be between 1 and N"), ({"margin": 5}, "--margin 5")):
+        with pytest.raises(AgecliError, match=wording):
+            PrepareOptions(**bad)

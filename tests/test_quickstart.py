@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from agecli.recipes.quickstart import QUICKSTART_RECIPE, SAMPLE_DIR, SAMPLE_PHOTOS, quickstart
-from agecli.recipes.runner import load_recipe, run_recipe
+from agecli.recipes import load_recipe, run_recipe
 
 MAX_SAMPLE_BYTES = 3 << 20
 
@@ -63,7 +63,7 @@ def test_quickstart_end_to_end(tmp_path):
     from agecli.data.batches import to_input
     from agecli.store import FaceStore
 
-    assert result["student"] == str(run / "distill" / "student" / "student.pt")
+    assert result["student"] == str(run / "distill" / "student" / "best.pt")
     model, spec = load_checkpoint(result["student"])
     assert spec.arch == "mobilenet_v3_small" and spec.input_size == 64
     store = FaceStore.open(run)

@@ -4,6 +4,7 @@ completed steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agecli.errors import AgecliError
-from agecli.recipes.runner import STAGE_KINDS, apply_override, load_recipe, needs, parse_recipe, plan, run_recipe, Recipe
+from agecli.recipes import STAGE_KINDS, Recipe, apply_override, load_recipe, needs, parse_recipe, plan, run_recipe
 from agecli.stages.report import seed_groups
 from conftest import build_store, synthetic_faces
 
@@ -372,3 +373,35 @@ def test_a_bench_that_predates_a_newly_trained_model_is_stale_and_runs_again(tmp
     second = json.loads((run / "bench" / "manifest.json").read_text())
     assert second["status"] == "complete" and set(second["inputs"]) == {"a", "b"}
     assert run_recipe(grown, run, dry_run=True)["steps"][-1]["action"] == "skip (complete)"
+
+
+# --------------------------------------------------------------------------- signatures
+@dataclasses.dataclass
+class _Knobs:
+    depth: int = 2
+    rate: float = 0.1
+
+
+def _stage_with_options(run=None, *, name: str, knobs: _Knobs | None = None, other: NotDefinedAnywhere = None,
+                        progress=None):
+    return knobs
+
+
+def test_an_options_dataclass_is_found_from_its_annotation_alone():
+    """No table of option classes: the annotation names it, even when another parameter's
+    annotation cannot be resolved (which makes typing.get_type_hints fail for the function)."""
+    from agecli.recipes.signatures import bind, parameters
+
+    params = parameters(_stage_with_options)
+    assert set(params) == {"name", "depth", "rate", "other"}
+    assert params["depth"].annotation is int and params["depth"].owner == "knobs" and not params["depth"].required
+    assert params["name"].required
+    remaining = {"name": "x", "depth": 3}
+    kwargs = bind(_stage_with_options, remaining, run="RUN", root=None, progress=None)
+    assert kwargs == {"run": "RUN", "name": "x", "knobs": _Knobs(depth=3), "progress": None} and not remaining
+    assert bind(_stage_with_options, {"name": "y"}, run=None, root=None, progress=None) == {"name": "y", "progress": None}
+
+
+def test_the_plan_shows_the_stage_modules_public_function():
+    """A stage split into a package (its function defined in a submodule) keeps its public name."""
+    assert all(kind.target() == f"{kind.module}.{kind.function().__name__}" for kind in STAGE_KINDS.values())

@@ -14,9 +14,10 @@ from agecli.modeling.encodings import AGES, build_encoding
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
-from agecli.stages.teachers import (Ensemble, OnnxSpec, OnnxTeacher, Teacher, TeacherOutput, ages_to_support,
-                             alignment_geometry, crop_transform, dlib_age, dlib_chip_geometry, grid_theta,
-                             groups_to_support, load_teacher, predict_teacher, soften, template_geometry)
+from agecli.data.geometry import alignment_geometry, crop_transform, dlib_chip_geometry, grid_theta, template_geometry
+from agecli.modeling.distributions import NUM_AGES, age_to_distribution, ages_to_support, groups_to_support, soften
+from agecli.stages.teachers import (Ensemble, OnnxSpec, OnnxTeacher, Teacher, TeacherOutput, dlib_age, load_teacher,
+                                    predict_teacher)
 
 from conftest import build_store, utkface_faces
 
@@ -43,6 +44,12 @@ def test_soften_equals_softmax_of_logits_over_temperature():
     p = torch.softmax(z, 1)
     assert torch.allclose(soften(p, 4.0), torch.softmax(z / 4.0, 1), atol=1e-5)
     assert soften(p, 1.0) is p
+
+
+def test_a_single_age_becomes_a_gaussian_over_all_ages():
+    p = age_to_distribution(torch.tensor([30.0, 130.0]), 3.0)
+    assert p.shape == (2, NUM_AGES) == (2, 101) and torch.allclose(p.sum(1), torch.ones(2))
+    assert p.argmax(1).tolist() == [30, 100]  # ages beyond the support are clipped onto its end
 
 
 # --------------------------------------------------------------------------- alignment

@@ -14,10 +14,13 @@ import torch
 from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint
 from agecli.modeling.encodings import build_encoding
 from agecli.errors import AgecliError
-from agecli.stages.evaluate import predict_store, score
+from agecli.engine.inference import predict_store
+from agecli.engine.loop import fit
+from agecli.engine.metrics import score
 from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
-from agecli.stages.train import TrainOptions, fit, train
+from agecli.options import TrainOptions
+from agecli.stages.train import train
 
 from conftest import build_store, synthetic_faces
 
@@ -196,7 +199,7 @@ def test_time_limit_cuts_the_schedule_and_a_generous_one_does_not(synthetic_run,
 
 
 def test_epochs_within_predicts_from_the_epochs_after_the_first():
-    from agecli.stages.train import epochs_within
+    from agecli.engine.optim import epochs_within
 
     assert epochs_within(100.0, [30.0], 50) == 50          # one slow first epoch decides nothing yet
     assert epochs_within(100.0, [80.0], 50) == 1           # ... unless another would not fit at all
@@ -206,8 +209,9 @@ def test_epochs_within_predicts_from_the_epochs_after_the_first():
     assert epochs_within(10.0, [10.0, 2.0, 2.0], 50) == 3  # over the limit: stop after the epochs done
 
 
-def test_view_size_hands_the_loss_the_same_crop_at_the_larger_size(synthetic_run, tmp_path):
+def test_crop_for_teacher_hands_the_loss_the_same_crop_at_the_larger_size(synthetic_run, tmp_path):
     from agecli.data.batches import normalise, resize
+    from agecli.stages.distill.feeds import CropForTeacher
 
     store, model, spec = _setup(synthetic_run)   # 48 px store, 32 px model
     enc = spec.build_encoding()
@@ -220,7 +224,7 @@ def test_view_size_hands_the_loss_the_same_crop_at_the_larger_size(synthetic_run
         return enc.loss(outputs["age"], batch.age), {}
 
     fit(model, spec, store, store.indices("train"), store.indices("val"), tmp_path,
-        TrainOptions(epochs=1, max_batches=2, augment=True, **FAST), loss_fn=loss_fn, view_size=48)
+        TrainOptions(epochs=1, max_batches=2, augment=True, **FAST), loss_fn=loss_fn, make_input=CropForTeacher(48))
     assert len(checked) == 2 and max(checked) < 1e-5
 
 
@@ -277,3 +281,151 @@ def test_device_auto_picks_cuda_only_when_torch_sees_a_gpu(synthetic_run, monkey
     assert result["last_epoch"] == 1
     _model, spec = load_checkpoint(synthetic_run / "train" / "auto" / "best.pt")
     assert spec.input_size == 32
+
+
+# --------------------------------------------------------------------------- the loop's parts, one at a time
+class _Tiny(torch.nn.Module):
+    """A linear age model on 8x8 inputs: fast enough to test the loop's parts alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 1)
+
+    def forward(self, x):
+        return {"age": self.fc(x.flatten(1)), "features": x.mean(dim=(2, 3))}
+
+
+def _tiny_spec():
+    return ModelSpec(arch="tiny", encoding=build_encoding("regression").to_dict(), input_size=8)
+
+
+def test_train_one_epoch_takes_the_planned_steps_and_explains_a_bad_loss(synthetic_run):
+    from agecli.data.batches import Batches
+    from agecli.engine.loop import EpochPlan, Preprocess, StepFailed, Stepper, default_loss, plain_input, train_one_epoch, validate
+    from agecli.engine.optim import make_optimizer, make_scheduler
+
+    torch.manual_seed(0)
+    store, model, spec = FaceStore.open(synthetic_run), _Tiny(), _tiny_spec()
+    options = TrainOptions(epochs=2, batch_size=16)
+    optimizer = make_optimizer(model, options)
+    scheduler = make_scheduler(optimizer, options, 3)
+    step = Stepper(model, model.parameters, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),
+                   torch.float16, False, options.clip_grad)
+    prep = Preprocess(8, spec.mean, spec.std, "cpu", None, False)
+    batches = Batches(store, store.indices("train"), 16, shuffle=True, drop_last=True, prefetch=0)
+    plan = EpochPlan(batches, 3, prep, torch.Generator().manual_seed(1), default_loss(spec.build_encoding(), False),
+                     plain_input)
+    seen_steps = []
+    totals, seen = train_one_epoch(step, plan, 1, "epoch 1/2", lambda task, done, total: seen_steps.append(done))
+    assert seen == 48 and seen_steps == [1, 2, 3] and scheduler.last_epoch == 3
+    assert set(totals) == {"loss", "age"} and totals["loss"] == pytest.approx(totals["age"])
+    assert validate(model, spec, store, store.indices("val"), "cpu", 64)["n"] == len(store.indices("val"))
+
+    plan.loss_fn = lambda outputs, batch, x: (outputs["age"].sum() * math.nan, {})
+    with pytest.raises(StepFailed) as failed:
+        train_one_epoch(step, plan, 2, "epoch 2/2")
+    assert failed.value.batch == 1 and math.isnan(failed.value.loss)
+
+
+def test_checkpointer_keeps_best_and_last_and_a_fresh_one_resumes_everything(tmp_path):
+    from agecli.engine.checkpointer import Checkpointer
+
+    torch.manual_seed(0)
+    model, extra, spec = _Tiny(), torch.nn.Linear(2, 1), _tiny_spec()
+    options = TrainOptions(patience=2)
+    ckpt = Checkpointer(tmp_path, model, spec, options, extra={"loss_state": extra})
+    for epoch, mae in ((1, 5.0), (2, 4.0), (3, 4.5)):
+        ckpt.history.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_mae": mae})
+        ckpt.walls.append(float(epoch))
+        improved = ckpt.improved(epoch, {"mae": mae}, has_val=True)
+        ckpt.save(epoch, {"mae": mae}, improved, {"marker": epoch})
+    assert (ckpt.best_epoch, ckpt.best_mae, ckpt.stale, ckpt.should_stop()) == (2, 4.0, 1, False)
+    best = read_checkpoint(tmp_path / "best.pt")
+    assert best["spec"]["metrics"] == {"split": "val", "epoch": 2, "mae": 4.0} and "training_state" not in best
+    state = read_checkpoint(tmp_path / "last.pt")["training_state"]
+    assert state["epoch"] == 3 and state["marker"] == 3 and set(state["loss_state"]) == {"weight", "bias"}
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 3 and (tmp_path / "learning_curve.png").exists()
+
+    torch.manual_seed(1)
+    model2, extra2, spec2 = _Tiny(), torch.nn.Linear(2, 1), _tiny_spec()
+    again = Checkpointer(tmp_path, model2, spec2, options, extra={"loss_state": extra2})
+    assert again.resume()["marker"] == 3
+    assert torch.equal(model2.fc.weight, model.fc.weight) and torch.equal(extra2.weight, extra.weight)
+    assert again.history == ckpt.history and again.walls == [1.0, 2.0, 3.0]
+    assert (again.best_epoch, again.best_mae, again.stale) == (2, 4.0, 1) and spec2.metrics["epoch"] == 2
+    assert again.improved(4, {"mae": 4.8}, has_val=True) is False and again.should_stop()
+    # without a validation split the newest epoch is always the best
+    assert again.improved(5, {}, has_val=False) and again.best_epoch == 5
+
+
+def test_time_budget_cuts_the_planned_epochs_and_ends_the_cosine_there():
+    from agecli.engine.distributed import World
+    from agecli.engine.optim import CosineSchedule, TimeBudget
+
+    schedule = CosineSchedule(10 * 4, 4)
+    budget = TimeBudget(1.0, schedule, 4)                  # one minute, 10 epochs of 4 steps planned
+    assert budget.planned == 10
+    assert budget.replan(1, [20.0], World()) is None      # a slow first epoch alone cuts nothing
+    # 25 s left at 15.75 s per epoch (15 s plus 5%): one more epoch, three in all
+    assert budget.replan(2, [20.0, 15.0], World()) == 3
+    assert schedule.total == 12 and budget.planned == 3 and schedule(12) == pytest.approx(0.01)
+    assert budget.replan(3, [20.0, 15.0, 15.0], World()) is None   # the last planned epoch: nothing to cut
+    budget.resume(20)                                     # a resumed run keeps a limit's earlier cut
+    assert budget.planned == 3
+    unlimited = TimeBudget(None, CosineSchedule(40, 4), 4)
+    assert unlimited.replan(1, [1e9], World()) is None
+    unlimited.resume(5)
+    assert unlimited.planned == 5
+
+
+def test_train_options_validate_once_for_python_recipes_and_the_cli():
+    with pytest.raises(AgecliError, match="need epochs >= 1"):
+        TrainOptions(epochs=0)
+    with pytest.raises(AgecliError, match="--time-limit is in minutes"):
+        TrainOptions(time_limit=0)
+    with pytest.raises(AgecliError, match="unknown optimizer"):
+        TrainOptions(optimizer="adam")
+    assert TrainOptions(clip_grad=0).clip_grad is None
+
+
+def test_cli_training_options_are_the_dataclass_fields_with_its_defaults():
+    import dataclasses
+
+    from typer.main import get_command
+
+    from agecli.cli.app import app
+    from agecli.cli.params import DISTILLATION, TRAINING
+    from agecli.options import DistillOptions
+
+    assert set(TRAINING) == set(f.name for f in dataclasses.fields(TrainOptions))
+    assert set(DISTILLATION) == set(f.name for f in dataclasses.fields(DistillOptions))
+    commands = get_command(app).commands
+    for command, classes in (("train", (TrainOptions,)), ("distill", (TrainOptions, DistillOptions))):
+        params = {p.name: p for p in commands[command].params}
+        for cls in classes:
+            for field in dataclasses.fields(cls):
+                if field.name in params:
+                    default = params[field.name].default
+                    assert (tuple(default) if isinstance(default, list) else default) == field.default, (command, field)
+                else:
+                    raise AssertionError(f"{command} lacks --{field.name.replace('_', '-')}")
+
+
+def test_with_options_hands_a_command_the_dataclass_built_from_its_flags():
+    import typer
+    from typer.testing import CliRunner
+
+    from agecli.cli.params import TRAINING, with_options
+
+    app, got = typer.Typer(), []
+
+    @app.command()
+    @with_options(TrainOptions, TRAINING, into="options")
+    def command(tag: str = "x", *, options: TrainOptions) -> None:
+        got.append((tag, options))
+
+    result = CliRunner().invoke(app, ["--tag", "y", "--epochs", "3", "--clip-grad", "0", "--no-augment"])
+    assert result.exit_code == 0, result.output
+    assert got == [("y", TrainOptions(epochs=3, clip_grad=None, augment=False))]
+    result = CliRunner().invoke(app, ["--lr", "0"])
+    assert isinstance(result.exception, AgecliError) and "lr > 0" in str(result.exception)

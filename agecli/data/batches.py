@@ -146,12 +146,21 @@ def to_unit(images: torch.Tensor, size: int, *, device: str | torch.device = "cp
 
     The augmentation draws the same random numbers whatever `size` is, so one generator state
     gives the same crop at any resolution."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = to_nchw_unit(images, device)
     if params is not None:
         return apply_augment(x, size, params)
     if augment is not None:
         return _augment(x, size, augment, generator)
     return resize(x, size)
+
+
+def to_nchw_unit(images: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 (B, S, S, 3) RGB -> float (B, 3, S, S) in [0, 1], on `device` (None: where it is).
+
+    The one conversion from the store's layout to the models'; nothing is resized."""
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from agecli.device import require_device
 from agecli.errors import AgecliError, missing_facenet
 from agecli.store import Alignment
 
@@ -190,10 +191,7 @@ class Detector:
             from facenet_pytorch import MTCNN
         except ImportError:
             raise missing_facenet() from None
-        import torch
-
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise AgecliError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+        device = require_device(device)
         self.device = device
         self.max_side = max_side
         self.min_face_fraction = min_face_fraction

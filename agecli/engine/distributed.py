@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from agecli.device import resolve_device
+
 
 @dataclass(frozen=True)
 class World:
@@ -35,13 +37,6 @@ def from_env() -> World:
     """The process's place in a torchrun launch (rank 0 of 1 when not launched by torchrun)."""
     return World(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(device: str) -> str:
-    """"auto" is cuda when torch sees a GPU, else cpu; any other name is returned as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def setup(device: str) -> tuple[World, str]:

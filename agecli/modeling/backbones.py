@@ -166,13 +166,32 @@ def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
     return AgeModel(backbone, dim, encoding, gender)
 
 
+class FaceRecFeatures(nn.Module):
+    """dlib's face-recognition network with its pooled features standardised (BatchNorm1d).
+
+    Its pooled features share a large offset and vary little around it (on real faces: mean
+    1.16, std 0.17 per dimension), so a freshly initialised age head cannot use them at
+    first, and the early gradients reshape the pretrained backbone instead (measured: val
+    MAE 10.2 after the first epoch of fine-tuning without this, against 7.3 for a ridge
+    probe on 240 faces' frozen features). Standardised, the head reads them at once."""
+
+    def __init__(self, stages: int, pretrained: bool):
+        super().__init__()
+        self.body = DlibFaceRec(stages=stages)
+        if pretrained:
+            load_facerec_weights(self.body)
+        # the 128-D identity embedding is not used for age (the pooled features carry more
+        # of it); leaving it out keeps every parameter trained, which DDP requires
+        self.body.embedding = None
+        self.feature_dim = self.body.feature_dim
+        self.norm = nn.BatchNorm1d(self.feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.body(x))
+
+
 def _facerec_model(stages: int, encoding: Encoding, gender: bool, pretrained: bool) -> AgeModel:
-    backbone = DlibFaceRec(stages=stages)
-    if pretrained:
-        load_facerec_weights(backbone)
-    # the 128-D identity embedding is not used for age (the pooled features carry more of
-    # it); leaving it out keeps every parameter trained, which DDP requires
-    backbone.embedding = None
+    backbone = FaceRecFeatures(stages, pretrained)
     return AgeModel(backbone, backbone.feature_dim, encoding, gender)
 
 

@@ -10,7 +10,7 @@ runs the bundled recipe `agecli/sample/quickstart.yaml` on `agecli/sample/photos
        and a MobileNetV3-small student learns from those soft labels (Greco et al. 2021)
     -> bench: the student against the CC0 reference model (size, FLOPs, latency, throughput;
        the faces are unlabelled, so accuracy is the agreement with the reference:
-       `mae_vs_reference`, see agecli.bench)
+       `mae_vs_reference`, see agecli.stages.bench)
     -> report: RUN/report.md
 
 It is an ordinary recipe run (agecli.recipes), so re-running skips what is complete. Every
@@ -26,6 +26,11 @@ from typing import Any
 
 from agecli.errors import AgecliError, missing_facenet
 from agecli.progress import ProgressFn
+from agecli.recipes.kinds import STAGE_KINDS
+from agecli.recipes.recipe import Recipe, load_recipe
+from agecli.recipes.runner import run_recipe
+from agecli.recipes.signatures import parameters
+from agecli.rundir import read_json
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample"
 SAMPLE_PHOTOS = SAMPLE_DIR / "photos"
@@ -54,20 +59,8 @@ def quickstart(run: str | Path = "runs/quickstart", *, device: str = "cpu", epoc
     student checkpoint. `threads` (None: torch's default) applies to every stage."""
     import torch
 
-    from agecli.recipes.runner import STAGE_KINDS, load_recipe, parameters, run_recipe
-    from agecli.rundir import read_json
-
     check_requirements()
-    recipe = load_recipe(QUICKSTART_RECIPE)
-    extra: list[str] = []
-    for section, body in recipe.data.items():
-        if section not in STAGE_KINDS:
-            continue
-        takes = parameters(STAGE_KINDS[section].function())
-        if "device" in takes:
-            extra.append(f"{section}.device={device}")
-        if threads and "threads" in takes:
-            extra.append(f"{section}.threads={int(threads)}")
+    extra = _machine_overrides(load_recipe(QUICKSTART_RECIPE), device, threads)
     if epochs is not None:
         extra.append(f"distill.epochs={epochs}")
     recipe = load_recipe(QUICKSTART_RECIPE, [*extra, *overrides])
@@ -78,15 +71,31 @@ def quickstart(run: str | Path = "runs/quickstart", *, device: str = "cpu", epoc
         result = run_recipe(recipe, run, SAMPLE_PHOTOS, progress=progress, quiet=quiet)
     finally:
         torch.set_num_threads(before)
-    run = Path(run)
-    result["table"] = bench_rows(run)
+    return dict(result, **_outputs(Path(run)))
+
+
+def _machine_overrides(recipe: Recipe, device: str, threads: int | None) -> list[str]:
+    """`--set`s giving every section that takes them this device and thread count."""
+    extra: list[str] = []
+    for section in recipe.data:
+        if section not in STAGE_KINDS:
+            continue
+        takes = parameters(STAGE_KINDS[section].function())
+        if "device" in takes:
+            extra.append(f"{section}.device={device}")
+        if threads and "threads" in takes:
+            extra.append(f"{section}.threads={int(threads)}")
+    return extra
+
+
+def _outputs(run: Path) -> dict[str, Any]:
+    """What a quickstart shows: the bench table and json, the report and the student."""
     bench_json = run / "bench" / "bench.json"
-    result["bench"] = read_json(bench_json) if bench_json.exists() else None
     report = run / "report.md"
-    result["report"] = str(report) if report.exists() else None
-    students = sorted((run / "distill").glob("*/student.pt")) or sorted((run / "distill").glob("*/best.pt"))
-    result["student"] = str(students[0]) if students else None
-    return result
+    students = sorted((run / "distill").glob("*/best.pt"))   # the final model of a stage, as for train
+    return {"table": bench_rows(run), "bench": read_json(bench_json) if bench_json.exists() else None,
+            "report": str(report) if report.exists() else None,
+            "student": str(students[0]) if students else None}
 
 
 def bench_rows(run: Path) -> list[dict[str, Any]]:

@@ -1,104 +1,29 @@
-"""Predicting over a store and scoring predictions: the metrics every stage reports.
+"""The eval stage: score a checkpoint on a split of a run (`agecli eval`).
 
-    predict_store(model, spec, store, indices)  -> DataFrame of per-face predictions
-    age_metrics(pred, true, age_std=None)       -> MAE, RMSE, CS(1..10), LAP epsilon-error
-    group_metrics(pred_group, true_group)       -> Adience exact and 1-off accuracy
-    breakdown(frame)                             -> MAE per age decade and per gender / race
+    evaluate(model_path, run, split="test")  -> metrics, warnings; RUN/eval/<name>/
+    breakdown(frame)                         -> MAE per age decade and per gender / race
+
+Prediction and the metrics themselves are the engine's (agecli.engine.inference.predict_store,
+agecli.engine.metrics.score), shared with training and bench.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from agecli.modeling.checkpoint import ModelSpec
-from agecli.data.batches import Batches, to_input
-from agecli.labels import ADIENCE_GROUPS, GENDER_NAMES, group_of_age
+from agecli.engine.inference import predict_store
+from agecli.engine.metrics import score
+from agecli.errors import AgecliError
+from agecli.labels import GENDER_NAMES, group_of_age
+from agecli.modeling.checkpoint import load_checkpoint
+from agecli.rundir import Stage, resolve_run, write_csv, write_json
 from agecli.store import FaceStore
 
 RACE_NAMES = {0: "white", 1: "black", 2: "asian", 3: "indian", 4: "other"}
-
-
-@torch.inference_mode()
-def predict_store(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, indices, *,
-                  device: str = "cpu", batch_size: int = 256, progress=None) -> pd.DataFrame:
-    """Run a model over store rows; returns one row per face with its labels and predictions."""
-    encoding = spec.build_encoding()
-    model = model.to(device).eval()
-    rows: list[pd.DataFrame] = []
-    batches = Batches(store, indices, batch_size)
-    for done, batch in enumerate(batches, 1):
-        x = to_input(batch.images, spec.input_size, spec.mean, spec.std, device=device)
-        out = model(x)
-        part = {"index": batch.index.numpy(), "age_pred": encoding.predict(out["age"]).float().cpu().numpy()}
-        if "gender" in out:
-            prob = torch.softmax(out["gender"].float(), 1)[:, 1].cpu().numpy()
-            part["female_prob"] = prob
-            part["gender_pred"] = (prob >= 0.5).astype(int)
-        if encoding.support == "groups":
-            part["group_pred"] = encoding.predict_group(out["age"]).cpu().numpy()
-        rows.append(pd.DataFrame(part))
-        if progress:
-            progress("predict", done, len(batches))
-    pred = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["index", "age_pred"])
-    rec = store.records.iloc[pred["index"].to_numpy()].reset_index(drop=True)
-    labels = rec[["path", "age", "age_std", "gender", "race", "group", "fold", "split"]]
-    return pd.concat([pred.reset_index(drop=True), labels], axis=1)
-
-
-def age_metrics(pred, true, age_std=None) -> dict[str, float]:
-    """MAE, RMSE, CS(theta) for theta 1..10 (fraction with |error| <= theta), and the LAP
-    epsilon-error 1 - exp(-(pred - mean)^2 / (2 sigma^2)) where per-face sigma is known."""
-    pred = np.asarray(pred, dtype=float)
-    true = np.asarray(true, dtype=float)
-    keep = ~np.isnan(true)
-    pred, true = pred[keep], true[keep]
-    if len(true) == 0:
-        return {"n": 0}
-    err = np.abs(pred - true)
-    out: dict[str, float] = {
-        "n": int(len(true)),
-        "mae": float(err.mean()),
-        "rmse": float(np.sqrt((err ** 2).mean())),
-    }
-    for theta in range(1, 11):
-        out[f"cs{theta}"] = float((err <= theta).mean())
-    if age_std is not None:
-        std = np.asarray(age_std, dtype=float)[keep]
-        has = ~np.isnan(std) & (std > 0)
-        if has.any():
-            eps = 1 - np.exp(-((pred[has] - true[has]) ** 2) / (2 * std[has] ** 2))
-            out["epsilon_error"] = float(eps.mean())
-    return out
-
-
-def group_metrics(pred_group, true_group) -> dict[str, float]:
-    """Adience exact and 1-off accuracy (1-off: the predicted group is adjacent or exact)."""
-    pred_group = np.asarray(pred_group, dtype=int)
-    true_group = np.asarray(true_group, dtype=int)
-    keep = true_group >= 0
-    if not keep.any():
-        return {}
-    diff = np.abs(pred_group[keep] - true_group[keep])
-    return {"group_exact": float((diff == 0).mean()), "group_1off": float((diff <= 1).mean()),
-            "group_n": int(keep.sum())}
-
-
-def score(frame: pd.DataFrame) -> dict[str, Any]:
-    """All metrics that apply to a predictions frame from `predict_store`."""
-    out: dict[str, Any] = age_metrics(frame["age_pred"], frame["age"], frame.get("age_std"))
-    true_group = frame["group"].to_numpy()
-    if (true_group >= 0).any():
-        pred_group = frame["group_pred"] if "group_pred" in frame else frame["age_pred"].map(group_of_age)
-        out.update(group_metrics(pred_group, true_group))
-    if "gender_pred" in frame:
-        known = frame["gender"] >= 0
-        if known.any():
-            out["gender_accuracy"] = float((frame.loc[known, "gender_pred"] == frame.loc[known, "gender"]).mean())
-    return out
 
 
 def breakdown(frame: pd.DataFrame) -> pd.DataFrame:
@@ -119,9 +44,6 @@ def breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-__all__ = ["predict_store", "age_metrics", "group_metrics", "score", "breakdown", "evaluate", "ADIENCE_GROUPS"]
-
-
 # --------------------------------------------------------------------------- the eval stage
 def alignment_differences(model_alignment: dict[str, Any], run_alignment: dict[str, Any]) -> list[str]:
     """Settings (method, size, margin, template) on which a checkpoint and a run disagree.
@@ -139,8 +61,6 @@ def alignment_differences(model_alignment: dict[str, Any], run_alignment: dict[s
 
 
 def _model_name(model_path) -> str:
-    from pathlib import Path
-
     path = Path(model_path)
     return f"{path.parent.name}-{path.stem}" if path.stem in ("best", "last") else path.stem
 
@@ -158,11 +78,6 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "cpu", 
     on an ages run is scored on the groups of the true ages (exact / 1-off), and its MAE
     (group midpoints vs true ages) is reported with a warning.
     """
-    from agecli.modeling.checkpoint import load_checkpoint
-    from agecli.errors import AgecliError
-    from agecli.labels import group_of_age
-    from agecli.rundir import Stage, resolve_run, write_csv, write_json
-
     run = resolve_run(run)
     store = FaceStore.open(run)
     model, spec = load_checkpoint(model_path, device)

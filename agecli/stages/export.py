@@ -1,6 +1,6 @@
 """Export a checkpoint for deployment: ONNX or TorchScript, checked against PyTorch.
 
-    export("runs/utkface/distill/mobilenet/student.pt", format="onnx")
+    export("runs/utkface/distill/mobilenet/best.pt", format="onnx")
     export(path, format="onnx", quantize="int8")     # + dynamic int8 quantisation (CPU)
     load_exported("student.onnx")                    -> Exported(spec, run(x01) -> outputs)
 
@@ -23,7 +23,6 @@ and the MAE difference are reported, and the export fails above `tolerance` year
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, sniff
+from agecli.data import batches
+from agecli.engine.timing import time_call
 from agecli.errors import AgecliError
+from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, sniff
+from agecli.modeling.decode import decode
 from agecli.rundir import atomic_path, fingerprint_file
 
 EXPORT_FORMAT = "agecli.export"
@@ -54,11 +56,9 @@ class DeployWrapper(nn.Module):
 
     def forward(self, images: torch.Tensor):
         out = self.model((images - self.mean) / self.std)
+        age, female = decode(out, self.encoding)
         raw = out["age"].float()
-        age = self.encoding.predict(raw).float()
-        if self.gender:
-            return age, torch.softmax(out["gender"].float(), dim=1)[:, 1], raw
-        return age, raw
+        return (age, female, raw) if self.gender else (age, raw)
 
 
 def output_names(spec: ModelSpec) -> list[str]:
@@ -145,21 +145,31 @@ class Exported:
     providers: list[str] | None = None
 
 
-def onnx_session(path: str | Path, *, device: str = "cpu", threads: int | None = None, memory_arena: bool = True):
-    """An onnxruntime session. `memory_arena=False` makes every run allocate (and free) its own
-    memory, so the bench can see a run's peak; the default arena keeps it between runs."""
-    import onnxruntime as ort
+def onnx_session(path: str | Path, *, device: str = "cpu", threads: int | None = None, memory_arena: bool = True,
+                 spinning: bool = True, data: bytes | None = None):
+    """An onnxruntime session for the model at `path` (or for its bytes `data`, e.g. a graph
+    with extra outputs; `path` then names it in messages), on CUDA when asked and available.
 
+    `memory_arena=False` makes every run allocate (and free) its own memory, so the bench
+    can see a run's peak; the default arena keeps it between runs. `spinning=False` keeps
+    idle worker threads from busy-waiting, for sessions that share the process with torch."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise AgecliError("onnxruntime is needed to run ONNX models: pip install onnxruntime") from None
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = memory_arena
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(str(path) if data is None else data, options, providers=providers)
     except Exception as exc:
         raise AgecliError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
@@ -232,26 +242,12 @@ def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limi
 
 def to_unit(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 (N, S, S, 3) -> float32 (N, 3, size, size) in [0, 1], resized as training does."""
-    from agecli.data.batches import to_input
-
-    x = to_input(torch.from_numpy(np.ascontiguousarray(images)), size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    return x.numpy()
+    return batches.to_unit(torch.from_numpy(np.ascontiguousarray(images)), size).numpy()
 
 
 def _mae(pred: np.ndarray, true: np.ndarray) -> float | None:
     keep = ~np.isnan(true)
     return float(np.abs(pred[keep] - true[keep]).mean()) if keep.any() else None
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
 
 
 # --------------------------------------------------------------------------- export
@@ -269,41 +265,18 @@ def export(model_path: str | Path, format: str = "onnx", out: str | Path | None 
     model, spec = load_checkpoint(model_path, "cpu")
     out = Path(out) if out else model_path.with_suffix(fmt.suffix)
     wrapper = DeployWrapper(model, spec).eval()
-    metadata = {
-        "agecli_spec": json.dumps(spec.to_dict(), default=str),
-        "agecli_format": EXPORT_FORMAT,
-        "source_checkpoint": str(model_path),
-        "source_sha256": fingerprint_file(model_path),
-        "inputs": f"images: float32 (N, 3, {spec.input_size}, {spec.input_size}) RGB in [0, 1], "
-                  f"faces aligned as {json.dumps(spec.alignment)}",
-        "outputs": ", ".join(output_names(spec)),
-    }
+    metadata = export_metadata(model_path, spec)
     if progress:
         progress("export", 0, 2)
     with atomic_path(out) as tmp:
         fmt.write(wrapper, spec, tmp, metadata)
     if progress:
         progress("export", 1, 2)
-
     faces, ages, store_run, split = parity_faces(model_path, spec, run, parity_limit)
     x01 = to_unit(faces, spec.input_size)
-    with torch.inference_mode():
-        torch_out = [o.numpy() for o in wrapper(torch.from_numpy(x01))]
-    exported = load_exported(out)
-    got = exported.run(x01)
-    age_t, age_e = torch_out[0], got["age"]
-    parity = {
-        "faces": int(len(faces)), "run": store_run, "split": split,
-        "max_abs_age": float(np.abs(age_e - age_t).max()),
-        "max_abs_raw": float(np.abs(got["age_raw"] - torch_out[-1]).max()),
-        "mae_torch": _mae(age_t, ages), "mae_export": _mae(age_e, ages),
-        "tolerance": tolerance,
-    }
-    if spec.gender:
-        parity["max_abs_female_prob"] = float(np.abs(got["female_prob"] - torch_out[1]).max())
-    parity["mae_diff"] = (None if parity["mae_torch"] is None
-                          else abs(parity["mae_export"] - parity["mae_torch"]))
-    parity["passed"] = parity["max_abs_age"] <= tolerance
+    got = load_exported(out).run(x01)
+    parity = {"faces": int(len(faces)), "run": store_run, "split": split,
+              **_parity(wrapper, x01, got, ages, spec, tolerance)}
     if progress:
         progress("export", 2, 2)
     result: dict[str, Any] = {
@@ -322,6 +295,44 @@ def export(model_path: str | Path, format: str = "onnx", out: str | Path | None 
     target = result.get("quantized", {}).get("path", str(out))
     result["next"] = f"agecli predict --model {target} PHOTO_OR_FOLDER --annotate annotated/"
     return result
+
+
+def export_metadata(model_path: Path, spec: ModelSpec) -> dict[str, str]:
+    """What an exported file says about itself: the full spec, its source, its inputs and outputs."""
+    return {
+        "agecli_spec": json.dumps(spec.to_dict(), default=str),
+        "agecli_format": EXPORT_FORMAT,
+        "source_checkpoint": str(model_path),
+        "source_sha256": fingerprint_file(model_path),
+        "inputs": f"images: float32 (N, 3, {spec.input_size}, {spec.input_size}) RGB in [0, 1], "
+                  f"faces aligned as {json.dumps(spec.alignment)}",
+        "outputs": ", ".join(output_names(spec)),
+    }
+
+
+def _parity(wrapper: nn.Module, x01: np.ndarray, got: dict[str, np.ndarray], ages: np.ndarray, spec: ModelSpec,
+            tolerance: float) -> dict[str, Any]:
+    """The export's outputs `got` against PyTorch's on the same faces; `passed` within `tolerance` years."""
+    with torch.inference_mode():
+        torch_out = [o.numpy() for o in wrapper(torch.from_numpy(x01))]
+    age_t, age_e = torch_out[0], got["age"]
+    parity = {
+        "max_abs_age": float(np.abs(age_e - age_t).max()),
+        "max_abs_raw": float(np.abs(got["age_raw"] - torch_out[-1]).max()),
+        "mae_torch": _mae(age_t, ages), "mae_export": _mae(age_e, ages),
+        "tolerance": tolerance,
+    }
+    if spec.gender:
+        parity["max_abs_female_prob"] = float(np.abs(got["female_prob"] - torch_out[1]).max())
+    parity["mae_diff"] = (None if parity["mae_torch"] is None
+                          else abs(parity["mae_export"] - parity["mae_torch"]))
+    parity["passed"] = parity["max_abs_age"] <= tolerance
+    return parity
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
+    """Median milliseconds per call on the CPU, after 3 untimed calls."""
+    return time_call(fn, warmup=3, repeats=repeats)["median_ms"]
 
 
 def _quantize(path: Path, x01: np.ndarray, ages: np.ndarray, fp32: dict[str, np.ndarray],

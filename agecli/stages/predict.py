@@ -1,8 +1,8 @@
 """Age (and gender) of every face in photos, folders and videos.
 
-    predict(["group.jpg", "clips/"], "student.pt")  -> {"rows": [...], "no_face": [...], ...}
+    predict(["group.jpg", "clips/"], "best.pt")  -> {"rows": [...], "no_face": [...], ...}
 
-Faces are detected with MTCNN (`agecli.faces.Detector`) and cut out exactly as the model's
+Faces are detected with MTCNN (`agecli.data.faces.Detector`) and cut out exactly as the model's
 checkpoint says (`spec.alignment`: template, margin and size). A model trained on crops
 that came already aligned (alignment method "resize", e.g. UTKFace chips) is fed crops
 warped onto that dataset's landmark template (`utkface_chip`), so a detected face is framed
@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from agecli.device import require_device
 from agecli.errors import AgecliError
 from agecli.store import Alignment
 
@@ -77,49 +78,61 @@ def crop_alignment(spec) -> tuple[Alignment, list[str]]:
 
 
 def load_predictor(model: str | os.PathLike, *, device: str = "cpu", batch_size: int = 64) -> Predictor:
+    """A `Predictor` for an agecli checkpoint (.pt) or a file written by `agecli export`."""
     from agecli.modeling.checkpoint import sniff
-    from agecli.data.batches import to_input
 
     path = Path(model)
     if not path.exists():
         raise AgecliError(f"model file {path} does not exist.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AgecliError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+    device = require_device(device)
     exported_file = path.suffix in (".onnx", ".torchscript", ".ts") or sniff(path) == "an ONNX model"
-    if not exported_file:  # load_checkpoint says what the file is when it is not a checkpoint
-        from agecli.modeling.checkpoint import load_checkpoint
-
-        net, spec = load_checkpoint(path, device)
-        encoding = spec.build_encoding()
-
-        @torch.inference_mode()
-        def run(crops: np.ndarray):
-            ages, probs = [], []
-            for start in range(0, len(crops), batch_size):
-                x = to_input(torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size])),
-                             spec.input_size, spec.mean, spec.std, device=device)
-                out = net(x)
-                ages.append(encoding.predict(out["age"]).float().cpu().numpy())
-                if "gender" in out:
-                    probs.append(torch.softmax(out["gender"].float(), 1)[:, 1].cpu().numpy())
-            return np.concatenate(ages), (np.concatenate(probs) if probs else None)
-    else:
-        from agecli.stages.export import load_exported, to_unit
-
-        exported = load_exported(path, device=device)
-        spec = exported.spec
-
-        def run(crops: np.ndarray):
-            ages, probs = [], []
-            for start in range(0, len(crops), batch_size):
-                out = exported.run(to_unit(crops[start:start + batch_size], spec.input_size))
-                ages.append(out["age"].reshape(-1))
-                if "female_prob" in out:
-                    probs.append(out["female_prob"].reshape(-1))
-            return np.concatenate(ages), (np.concatenate(probs) if probs else None)
-
+    # load_checkpoint says what the file is when it is not a checkpoint
+    spec, run = (_exported_runner if exported_file else _checkpoint_runner)(path, device, batch_size)
     alignment, notes = crop_alignment(spec)
     return Predictor(str(path), spec, alignment, run, notes)
+
+
+def _checkpoint_runner(path: Path, device: str, batch_size: int):
+    """(spec, run(crops) -> (ages, female_prob or None)) for an agecli checkpoint."""
+    from agecli.data.batches import to_input
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.modeling.decode import decode
+
+    net, spec = load_checkpoint(path, device)
+    encoding = spec.build_encoding()
+
+    @torch.inference_mode()
+    def run(crops: np.ndarray):
+        ages, probs = [], []
+        for start in range(0, len(crops), batch_size):
+            x = to_input(torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size])),
+                         spec.input_size, spec.mean, spec.std, device=device)
+            age, female = decode(net(x), encoding)
+            ages.append(age.cpu().numpy())
+            if female is not None:
+                probs.append(female.cpu().numpy())
+        return np.concatenate(ages), (np.concatenate(probs) if probs else None)
+
+    return spec, run
+
+
+def _exported_runner(path: Path, device: str, batch_size: int):
+    """(spec, run(crops) -> (ages, female_prob or None)) for an ONNX or TorchScript export."""
+    from agecli.stages.export import load_exported, to_unit
+
+    exported = load_exported(path, device=device)
+    spec = exported.spec
+
+    def run(crops: np.ndarray):
+        ages, probs = [], []
+        for start in range(0, len(crops), batch_size):
+            out = exported.run(to_unit(crops[start:start + batch_size], spec.input_size))
+            ages.append(out["age"].reshape(-1))
+            if "female_prob" in out:
+                probs.append(out["female_prob"].reshape(-1))
+        return np.concatenate(ages), (np.concatenate(probs) if probs else None)
+
+    return spec, run
 
 
 # --------------------------------------------------------------------------- inputs
@@ -254,8 +267,6 @@ def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike, *, dev
             out: str | os.PathLike | None = None, progress=None) -> dict[str, Any]:
     """Predict every face in `paths`; optionally write annotated copies into `annotate` and the rows
     to `out` (.json or .csv). Returns {"rows", "no_face", "files", "videos", "annotated", "notes", ...}."""
-    import cv2
-
     from agecli.data.faces import Detector
 
     if smooth < 1 or every < 1:
@@ -270,34 +281,23 @@ def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike, *, dev
         folder.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     rows: list[dict[str, Any]] = []
-    no_face: list[str] = []
-    annotated: list[str] = []
-    videos: list[dict[str, Any]] = []
+    no_face, annotated, videos = [], [], []
     for done, (path, kind) in enumerate(inputs):
         if progress:
             progress("files", done, len(inputs))
         if kind == "image":
-            image = _read(path)
-            dets = detector.detect([image])[0]
-            found = _faces_rows(predictor, image, dets, str(path), None, None)
-            if not found:
-                no_face.append(str(path))
+            found, target = _predict_image(path, predictor, detector, folder, taken)
             rows.extend(found)
-            if folder:
-                target = _annotated_path(folder, path, ".jpg", taken)
-                from agecli.rundir import atomic_path
-
-                with atomic_path(target) as tmp:
-                    ok, buf = cv2.imencode(".jpg", draw(image, found))
-                    tmp.write_bytes(buf.tobytes())
-                annotated.append(str(target))
+            faces = len(found)
         else:
-            info = _predict_video(path, predictor, detector, folder, taken, smooth, every, rows, progress)
+            video = _VideoRun(path, predictor, detector, folder, taken, smooth, every, rows)
+            info = video.run(progress)
             videos.append(info)
-            if info.get("annotated"):
-                annotated.append(info["annotated"])
-            if info["faces"] == 0:
-                no_face.append(str(path))
+            target, faces = info["annotated"], info["faces"]
+        if target:
+            annotated.append(str(target))
+        if faces == 0:
+            no_face.append(str(path))
     if progress:
         progress("files", len(inputs), len(inputs))
     result = {"model": str(model), "alignment": predictor.alignment.to_dict(), "files": len(inputs),
@@ -309,65 +309,92 @@ def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike, *, dev
     return result
 
 
-def _predict_video(path: Path, predictor: Predictor, detector, folder: Path | None, taken: set[str], smooth: int,
-                   every: int, rows: list[dict[str, Any]], progress, chunk: int = 8) -> dict[str, Any]:
+def _predict_image(path: Path, predictor: Predictor, detector, folder: Path | None,
+                   taken: set[str]) -> tuple[list[dict[str, Any]], Path | None]:
+    """The rows of one photo's faces, and its annotated copy in `folder` (when given)."""
     import cv2
 
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise AgecliError(f"cannot open video {path} (OpenCV could not decode it); check the file, or convert it "
-                          "to H.264 MP4 (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`).")
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    tracker = IouTracker(smooth=smooth)
-    writer = None
-    target = None
-    frames_read = faces = 0
-    try:
-        index = 0
+    from agecli.rundir import atomic_path
+
+    image = _read(path)
+    found = _faces_rows(predictor, image, detector.detect([image])[0], str(path), None, None)
+    if not folder:
+        return found, None
+    target = _annotated_path(folder, path, ".jpg", taken)
+    with atomic_path(target) as tmp:
+        ok, buf = cv2.imencode(".jpg", draw(image, found))
+        tmp.write_bytes(buf.tobytes())
+    return found, target
+
+
+class _VideoRun:
+    """One video: its sampled frames detected `chunk` at a time, faces tracked across frames
+    (ages smoothed along a track), rows appended to `rows`, and an annotated copy in `folder`."""
+
+    def __init__(self, path: Path, predictor: Predictor, detector, folder: Path | None, taken: set[str],
+                 smooth: int, every: int, rows: list[dict[str, Any]], chunk: int = 8):
+        self.path, self.predictor, self.detector, self.rows = path, predictor, detector, rows
+        self.folder, self.taken, self.every, self.chunk = folder, taken, every, chunk
+        self.tracker = IouTracker(smooth=smooth)
+        self.fps = 25.0
+        self.writer = self.target = None
+        self.faces = 0
+
+    def run(self, progress=None) -> dict[str, Any]:
+        import cv2
+
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            raise AgecliError(f"cannot open video {self.path} (OpenCV could not decode it); check the file, or "
+                              "convert it to H.264 MP4 (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`).")
+        self.fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        frames_read = 0
         pending: list[tuple[int, np.ndarray]] = []
+        try:
+            while True:
+                ok, bgr = capture.read()
+                if not ok:
+                    break
+                index, frames_read = frames_read, frames_read + 1
+                if index % self.every == 0:
+                    pending.append((index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+                    if len(pending) >= self.chunk:
+                        self._add(pending)
+                        pending = []
+                        if progress:
+                            progress(f"video {self.path.name}", index + 1, total or None)
+            if pending:
+                self._add(pending)
+        finally:
+            capture.release()
+            if self.writer is not None:
+                self.writer.release()
+        if frames_read == 0:
+            raise AgecliError(f"video {self.path} opened but no frame could be decoded; the file may be damaged.")
+        return {"file": str(self.path), "frames": frames_read, "fps": self.fps, "faces": self.faces,
+                "tracks": self.tracker.next_id, "annotated": str(self.target) if self.target else None}
 
-        def flush():
-            nonlocal writer, target, faces
-            dets_all = detector.detect([f for _, f in pending])
-            for (i, frame), dets in zip(pending, dets_all):
-                found = _faces_rows(predictor, frame, dets, str(path), i, round(i / fps, 3))
-                ids = tracker.update(i, [r["box"] for r in found], [r["age_raw"] for r in found])
-                for r, (t, age) in zip(found, ids):
-                    r["track"], r["age"] = t, age
-                rows.extend(found)
-                faces += len(found)
-                if folder:
-                    canvas = draw(frame, found)
-                    if writer is None:
-                        target = _annotated_path(folder, path, ".mp4", taken)
-                        writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps / every,
-                                                 (canvas.shape[1], canvas.shape[0]))
-                    writer.write(canvas)
-            pending.clear()
+    def _add(self, frames: list[tuple[int, np.ndarray]]) -> None:
+        """Detect, predict and track the faces of some frames (index, RGB); draw them into the copy."""
+        for (i, frame), dets in zip(frames, self.detector.detect([f for _, f in frames])):
+            found = _faces_rows(self.predictor, frame, dets, str(self.path), i, round(i / self.fps, 3))
+            ids = self.tracker.update(i, [r["box"] for r in found], [r["age_raw"] for r in found])
+            for r, (t, age) in zip(found, ids):
+                r["track"], r["age"] = t, age
+            self.rows.extend(found)
+            self.faces += len(found)
+            if self.folder:
+                self._write(draw(frame, found))
 
-        while True:
-            ok, bgr = capture.read()
-            if not ok:
-                break
-            frames_read += 1
-            if index % every == 0:
-                pending.append((index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
-                if len(pending) >= chunk:
-                    flush()
-                    if progress:
-                        progress(f"video {path.name}", index + 1, total or None)
-            index += 1
-        if pending:
-            flush()
-    finally:
-        capture.release()
-        if writer is not None:
-            writer.release()
-    if frames_read == 0:
-        raise AgecliError(f"video {path} opened but no frame could be decoded; the file may be damaged.")
-    return {"file": str(path), "frames": frames_read, "fps": fps, "faces": faces, "tracks": tracker.next_id,
-            "annotated": str(target) if target else None}
+    def _write(self, canvas: np.ndarray) -> None:
+        import cv2
+
+        if self.writer is None:  # opened at the first frame, whose size it takes
+            self.target = _annotated_path(self.folder, self.path, ".mp4", self.taken)
+            self.writer = cv2.VideoWriter(str(self.target), cv2.VideoWriter_fourcc(*"mp4v"), self.fps / self.every,
+                                          (canvas.shape[1], canvas.shape[0]))
+        self.writer.write(canvas)
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:

@@ -2,7 +2,7 @@
 
     prepare("utkface", "../shared/data/utkface/UTKFace")            # -> runs/utkface/prepare/
 
-Steps: parse the dataset (agecli.datasets) -> hash every image's bytes (duplicates share a
+Steps: parse the dataset (agecli.data.datasets) -> hash every image's bytes (duplicates share a
 `content` key and a split) -> assign splits -> detect, choose and align faces chunk by chunk
 -> consolidate into the face store (agecli.store): faces.npy, records.csv, rejects.csv,
 missing.txt, manifest.json.
@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +33,119 @@ import numpy as np
 import pandas as pd
 
 from agecli import FORMAT_VERSION
-from agecli.data.datasets import Parsed, Sample, get_dataset
+from agecli.data.datasets import DatasetSpec, Parsed, Sample, get_dataset
+from agecli.device import require_device
 from agecli.errors import AgecliError
 from agecli.labels import GROUP_NAMES
+from agecli.options import PrepareOptions
 from agecli.progress import ProgressFn
 from agecli.rundir import Stage, atomic_path, fingerprint_listing, read_json, runs_root, write_csv, write_text
 from agecli.store import RECORD_COLUMNS, Alignment
 
-# Every default of the stage, in one place.
-DEFAULTS: dict[str, Any] = {
-    "size": 128,            # (int) output side of the aligned crops, pixels
-    "margin": 0.4,          # (float) context around the template, fraction of the template crop
-    "template": "arcface5",  # (str) 5-point template, see agecli.faces.TEMPLATES
-    "max_side": 640,        # (int) images are scaled to this longer side for detection
-    "min_score": 0.9,       # (float) detections below this MTCNN probability are ignored
-    "val_fraction": 0.1,    # (float) seeded validation share (by subject, else by content)
-    "test_fraction": 0.2,   # (float) seeded test share where the dataset has no official split
-    "chunk_mtcnn": 64,      # (int) images per resumable chunk with a detector
-    "chunk_none": 1024,     # (int) images per chunk with --detector none
-}
-
+# images per resumable chunk, by detector: detection is slow, resizing a crop is not
+CHUNK_SIZES = {"mtcnn": 64, "none": 1024}
 
 # Adience's faces/ crops are centred on the labelled face, which spans about half the crop
 # (MTCNN boxes on the 19 sample crops: 200-320 px of ~600); used to pick the face and as
 # the fallback when detection fails.
 CROP_CENTRE_FRACTION = 0.5
+
+
+# --------------------------------------------------------------------------- public API
+def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None = None, *,
+            size: int = PrepareOptions.size, margin: float = PrepareOptions.margin,
+            template: str = PrepareOptions.template, detector: str | None = PrepareOptions.detector,
+            device: str = PrepareOptions.device, workers: int | None = PrepareOptions.workers,
+            limit: int | None = PrepareOptions.limit, shard: str | None = PrepareOptions.shard,
+            strict: bool = PrepareOptions.strict, seed: int = PrepareOptions.seed,
+            val_fraction: float = PrepareOptions.val_fraction, test_fraction: float = PrepareOptions.test_fraction,
+            max_side: int = PrepareOptions.max_side, min_score: float = PrepareOptions.min_score,
+            progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Prepare `dataset` found at `root` into RUN/prepare/; returns the results dict.
+
+    The keywords are the fields of `agecli.options.PrepareOptions` (their defaults and
+    checks); `detector=None` is the dataset's default detector."""
+    started = time.perf_counter()
+    spec = get_dataset(dataset)
+    options = PrepareOptions(size=size, margin=margin, template=template, detector=detector or spec.default_detector,
+                             device=device, workers=workers, limit=limit, shard=shard, strict=strict, seed=seed,
+                             val_fraction=val_fraction, test_fraction=test_fraction, max_side=max_side,
+                             min_score=min_score)
+    _check_machine(options)
+    run = Path(run) if run is not None else runs_root() / dataset
+    plan = _plan(dataset, Path(root), spec, options)
+    if shard is None and (done := _already_prepared(run, plan.key)) is not None:
+        return done
+    inputs = {"root": str(plan.root.resolve()), "listing": plan.listing, "samples": len(plan.samples)}
+    args = dict(dataset=dataset, root=str(plan.root), **options.to_dict())
+    with Stage(run, "prepare", args=args, inputs=inputs) as stage:
+        stage.set(work_key=plan.key, dataset=dataset, alignment=plan.alignment.to_dict())
+        work = _work_folder(stage.dir, plan.key, keep_others=shard is not None)
+        contents, hash_rejects = _hash_files(plan.parsed.image_root, plan.samples)
+        splits = assign_splits(plan.samples, contents, seed=seed, val_fraction=val_fraction,
+                               test_fraction=test_fraction)
+        jobs = _chunk_jobs(plan, work, contents, splits)
+        reused, n_workers = _align_chunks(plan, jobs, progress)
+        if shard is not None:
+            results = dict(dataset=dataset, shard=shard, chunks=len(jobs), chunks_reused=reused,
+                           images=sum(len(j[2]) for j in jobs), elapsed_s=round(time.perf_counter() - started, 2))
+            stage.set(status="partial", results=results)
+            return results
+        frame, reject_frame = _consolidate(stage, plan, work, hash_rejects)
+        elapsed = time.perf_counter() - started
+        results = _results(dataset, plan.root, run, plan.parsed, plan.samples, frame, reject_frame,
+                           Counter(plan.parsed.quirks), _duplicate_report(plan.samples, contents),
+                           elapsed, reused, _chunk_count(plan), n_workers)
+        shutil.rmtree(stage.dir / ".work", ignore_errors=True)
+        stage.set(dataset=dataset, alignment=plan.alignment.to_dict(),
+                  protocol=_protocol(spec, frame, seed, val_fraction, test_fraction),
+                  label_space=_label_space(spec), detection=plan.settings)
+        stage.complete(results)
+        return results
+
+
+@dataclass
+class _Plan:
+    """What prepare will do, decided before it touches the run folder."""
+
+    root: Path
+    options: PrepareOptions           # detector resolved
+    parsed: Parsed
+    samples: list[Sample]             # the dataset's samples, or the `limit` subset
+    alignment: Alignment
+    settings: dict[str, Any]          # everything that changes a face crop (the manifest's "detection")
+    listing: str                      # fingerprint of the image files
+    key: str                          # hash of all that changes the output: names RUN/prepare/.work/<key>/
+
+    @property
+    def chunk(self) -> int:
+        return CHUNK_SIZES[self.options.detector]
+
+
+def _check_machine(options: PrepareOptions) -> None:
+    """What the options cannot check alone: the template's name, and a GPU for --device cuda."""
+    if options.detector == "mtcnn":
+        from agecli.data.faces import template_points
+
+        template_points(options.template)  # unknown template -> error before any work
+    require_device(options.device)
+
+
+def _plan(dataset: str, root: Path, spec: DatasetSpec, options: PrepareOptions) -> _Plan:
+    """Parse the dataset, pick the samples and fix the alignment and the work key."""
+    parsed = spec.parse(root, strict=options.strict)
+    samples = _subset(parsed.samples, options.limit, options.seed) if options.limit else parsed.samples
+    alignment = (Alignment(method="similarity", size=options.size, margin=options.margin, template=options.template)
+                 if options.detector == "mtcnn" else
+                 Alignment(method="resize", size=options.size, margin=0.0, template=spec.native_template))
+    settings = dict(dataset=dataset, alignment=alignment.to_dict(), detector=options.detector,
+                    max_side=options.max_side, min_score=options.min_score, min_face_fraction=spec.min_face_fraction,
+                    pad_fraction=spec.pad_fraction, all_faces=spec.all_faces, crop_centred=spec.crop_centred,
+                    format=FORMAT_VERSION)
+    listing = fingerprint_listing(parsed.image_root, [parsed.image_root / s.path for s in samples])
+    key = hashlib.sha256(json.dumps([settings, listing, options.seed, options.val_fraction, options.test_fraction],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    return _Plan(root, options, parsed, samples, alignment, settings, listing, key)
 
 
 def _subset(samples: list, limit: int, seed: int) -> list:
@@ -70,144 +158,105 @@ def _subset(samples: list, limit: int, seed: int) -> list:
     return [samples[i] for i in keep]
 
 
-# --------------------------------------------------------------------------- public API
-def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None = None, *,
-            size: int = DEFAULTS["size"], margin: float = DEFAULTS["margin"],
-            template: str = DEFAULTS["template"], detector: str | None = None, device: str = "cpu",
-            workers: int | None = None, limit: int | None = None, shard: str | None = None,
-            strict: bool = False, seed: int = 0, val_fraction: float = DEFAULTS["val_fraction"],
-            test_fraction: float = DEFAULTS["test_fraction"], max_side: int = DEFAULTS["max_side"],
-            min_score: float = DEFAULTS["min_score"], progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Prepare `dataset` found at `root` into RUN/prepare/; returns the results dict."""
-    started = time.perf_counter()
-    spec = get_dataset(dataset)
-    root = Path(root)
-    detector = detector or spec.default_detector
-    if detector not in ("mtcnn", "none"):
-        raise AgecliError(f"unknown detector {detector!r}; choose mtcnn or none.")
-    if detector == "mtcnn":
-        from agecli.data.faces import template_points
+def _already_prepared(run: Path, key: str) -> dict[str, Any] | None:
+    """The results of a complete earlier prepare with the same work key, else None."""
+    previous = run / "prepare" / "manifest.json"
+    if not previous.exists():
+        return None
+    old = read_json(previous)
+    if old.get("status") != "complete" or old.get("work_key") != key:
+        return None
+    results = dict(old.get("results", {}))
+    results["reused"] = True
+    return results
 
-        template_points(template)  # unknown template -> error before any work
-    if not 16 <= size <= 1024:
-        raise AgecliError(f"--size {size} is out of range; use 16..1024 pixels (e.g. 128).")
-    if not 0 <= margin <= 3:
-        raise AgecliError(f"--margin {margin} is out of range; use 0..3 (0.4 = 40% extra context).")
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise AgecliError("--val-fraction and --test-fraction must be in [0, 1) and sum to less than 1.")
-    if device.startswith("cuda"):
-        import torch
 
-        if not torch.cuda.is_available():
-            raise AgecliError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
-    shard_index, shard_count = _parse_shard(shard)
-    run = Path(run) if run is not None else runs_root() / dataset
+def _work_folder(stage_dir: Path, key: str, *, keep_others: bool) -> Path:
+    """RUN/prepare/.work/<key>/, removing the chunks made with other settings (unless a
+    shard runs: the other jobs' settings are not this one's to judge)."""
+    work = stage_dir / ".work" / key
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in (stage_dir / ".work").iterdir():
+        if stale.name != key and not keep_others:
+            shutil.rmtree(stale, ignore_errors=True)
+    return work
 
-    parsed = spec.parse(root, strict=strict)
-    samples = _subset(parsed.samples, limit, seed) if limit else parsed.samples
-    alignment = (Alignment(method="similarity", size=size, margin=margin, template=template)
-                 if detector == "mtcnn" else
-                 Alignment(method="resize", size=size, margin=0.0, template=spec.native_template))
-    settings = dict(dataset=dataset, alignment=alignment.to_dict(), detector=detector, max_side=max_side,
-                    min_score=min_score, min_face_fraction=spec.min_face_fraction,
-                    pad_fraction=spec.pad_fraction, all_faces=spec.all_faces, crop_centred=spec.crop_centred,
-                    format=FORMAT_VERSION)
-    listing = fingerprint_listing(parsed.image_root, [parsed.image_root / s.path for s in samples])
-    key = hashlib.sha256(json.dumps([settings, listing, seed, val_fraction, test_fraction],
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    args = dict(dataset=dataset, root=str(root), size=size, margin=margin, template=template, detector=detector,
-                device=device, workers=workers, limit=limit, shard=shard, strict=strict, seed=seed,
-                val_fraction=val_fraction, test_fraction=test_fraction, max_side=max_side, min_score=min_score)
 
-    stage_dir = run / "prepare"
-    previous = stage_dir / "manifest.json"
-    if shard is None and previous.exists():
-        old = read_json(previous)
-        if old.get("status") == "complete" and old.get("work_key") == key:
-            results = dict(old.get("results", {}))
-            results["reused"] = True
-            return results
+# --------------------------------------------------------------------------- chunks
+def _chunk_path(work: Path, k: int) -> Path:
+    return work / f"chunk_{k:05d}.npz"
 
-    inputs = {"root": str(root.resolve()), "listing": listing, "samples": len(samples)}
-    with Stage(run, "prepare", args=args, inputs=inputs) as stage:
-        stage.set(work_key=key, dataset=dataset, alignment=alignment.to_dict())
-        work = stage.dir / ".work" / key
-        work.mkdir(parents=True, exist_ok=True)
-        for stale in (stage.dir / ".work").iterdir():   # chunks made with other settings
-            if stale.name != key and shard is None:
-                shutil.rmtree(stale, ignore_errors=True)
 
-        contents, hash_rejects = _hash_files(parsed.image_root, samples)
-        splits = assign_splits(samples, contents, seed=seed, val_fraction=val_fraction,
-                               test_fraction=test_fraction)
-        chunk = DEFAULTS["chunk_mtcnn"] if detector == "mtcnn" else DEFAULTS["chunk_none"]
-        jobs = []
-        for k, start in enumerate(range(0, len(samples), chunk)):
-            if shard_count and k % shard_count != shard_index:
-                continue
-            items = [(asdict(s), contents.get(s.path, ""), splits[i])
-                     for i, s in enumerate(samples[start:start + chunk], start=start)]
-            jobs.append((k, work / f"chunk_{k:05d}.npz", items))
-        todo = [j for j in jobs if not j[1].exists()]
-        reused = len(jobs) - len(todo)
-        config = dict(settings, device=device, root=str(parsed.image_root), threads=1)
-        total_images = sum(len(j[2]) for j in jobs)
-        done_images = sum(len(j[2]) for j in jobs if j[1].exists())
+def _chunk_count(plan: _Plan) -> int:
+    return math.ceil(len(plan.samples) / plan.chunk) if plan.samples else 0
+
+
+def _chunk_jobs(plan: _Plan, work: Path, contents: dict[str, str], splits: list[str]) -> list[tuple]:
+    """(index, path, items) for each chunk this run (or shard) handles."""
+    shard_index, shard_count = plan.options.shard_slot()
+    chunk, samples = plan.chunk, plan.samples
+    jobs = []
+    for k, start in enumerate(range(0, len(samples), chunk)):
+        if shard_count and k % shard_count != shard_index:
+            continue
+        items = [(asdict(s), contents.get(s.path, ""), splits[i])
+                 for i, s in enumerate(samples[start:start + chunk], start=start)]
+        jobs.append((k, _chunk_path(work, k), items))
+    return jobs
+
+
+def _align_chunks(plan: _Plan, jobs: list[tuple], progress: ProgressFn | None) -> tuple[int, int]:
+    """Detect and align the chunks not yet on disk; returns (chunks reused, worker processes)."""
+    todo = [j for j in jobs if not j[1].exists()]
+    options = plan.options
+    config = dict(plan.settings, device=options.device, root=str(plan.parsed.image_root), threads=1)
+    total_images = sum(len(j[2]) for j in jobs)
+    done_images = sum(len(j[2]) for j in jobs if j[1].exists())
+    if progress:
+        progress("prepare", done_images, total_images)
+    n_workers = _workers(options.workers, options.detector, options.device, len(todo))
+    for k, count in _run_chunks(todo, config, n_workers):
+        done_images += count
         if progress:
             progress("prepare", done_images, total_images)
-        n_workers = _workers(workers, detector, device, len(todo))
-        for k, count in _run_chunks(todo, config, n_workers):
-            done_images += count
-            if progress:
-                progress("prepare", done_images, total_images)
+    return len(jobs) - len(todo), n_workers
 
-        quirks = Counter(parsed.quirks)
-        duplicates = _duplicate_report(samples, contents)
-        if shard is not None:
-            results = dict(dataset=dataset, shard=shard, chunks=len(jobs), chunks_reused=reused,
-                           images=total_images, elapsed_s=round(time.perf_counter() - started, 2))
-            stage.set(status="partial", results=results)
-            return results
 
-        # ---------------------------------------------------------- consolidate
-        n_chunks = math.ceil(len(samples) / chunk) if samples else 0
-        paths = [work / f"chunk_{k:05d}.npz" for k in range(n_chunks)]
-        absent = [p.name for p in paths if not p.exists()]
-        if absent:  # cannot happen without --shard; guard against a deleted .work
-            raise AgecliError(f"{work}: chunks {absent[:3]} are missing; re-run prepare without --shard.")
-        records, rejects = [], [asdict(r) for r in parsed.rejects] + hash_rejects
-        counts = []
-        for path in paths:
-            with np.load(path) as data:
-                meta = json.loads(str(data["meta"]))
-            records.extend(meta["records"])
-            rejects.extend(meta["rejects"])
-            counts.append(len(meta["records"]))
-        faces_path = stage.path("faces.npy")
-        with atomic_path(faces_path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(sum(counts), size, size, 3))
-            offset = 0
-            for path, n in zip(paths, counts):
-                if n:
-                    with np.load(path) as data:
-                        out[offset:offset + n] = data["faces"]
-                offset += n
-            out.flush()
-            del out
-        frame = pd.DataFrame(records, columns=RECORD_COLUMNS)
-        write_csv(stage.path("records.csv"), frame)
-        reject_frame = pd.DataFrame(rejects, columns=["path", "reason", "detail"])
-        write_csv(stage.path("rejects.csv"), reject_frame)
-        write_text(stage.path("missing.txt"), "".join(f"{m}\n" for m in parsed.missing))
-        elapsed = time.perf_counter() - started
-        results = _results(dataset, root, run, parsed, samples, frame, reject_frame, quirks, duplicates,
-                           elapsed, reused, len(paths), n_workers)
-        shutil.rmtree(stage.dir / ".work", ignore_errors=True)
-        stage.set(dataset=dataset, alignment=alignment.to_dict(),
-                  protocol=_protocol(spec, frame, seed, val_fraction, test_fraction),
-                  label_space=_label_space(spec), detection=settings)
-        stage.complete(results)
-        return results
+def _consolidate(stage: Stage, plan: _Plan, work: Path, hash_rejects: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every chunk into the face store: faces.npy, records.csv, rejects.csv, missing.txt."""
+    paths = [_chunk_path(work, k) for k in range(_chunk_count(plan))]
+    absent = [p.name for p in paths if not p.exists()]
+    if absent:  # cannot happen without --shard; guard against a deleted .work
+        raise AgecliError(f"{work}: chunks {absent[:3]} are missing; re-run prepare without --shard.")
+    records, rejects = [], [asdict(r) for r in plan.parsed.rejects] + hash_rejects
+    counts = []
+    for path in paths:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+        records.extend(meta["records"])
+        rejects.extend(meta["rejects"])
+        counts.append(len(meta["records"]))
+    _write_faces(stage.path("faces.npy"), paths, counts, plan.alignment.size)
+    frame = pd.DataFrame(records, columns=RECORD_COLUMNS)
+    write_csv(stage.path("records.csv"), frame)
+    reject_frame = pd.DataFrame(rejects, columns=["path", "reason", "detail"])
+    write_csv(stage.path("rejects.csv"), reject_frame)
+    write_text(stage.path("missing.txt"), "".join(f"{m}\n" for m in plan.parsed.missing))
+    return frame, reject_frame
+
+
+def _write_faces(faces_path: Path, paths: list[Path], counts: list[int], size: int) -> None:
+    """The chunks' crops, in chunk order, into one memory-mapped .npy written atomically."""
+    with atomic_path(faces_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(sum(counts), size, size, 3))
+        offset = 0
+        for path, n in zip(paths, counts):
+            if n:
+                with np.load(path) as data:
+                    out[offset:offset + n] = data["faces"]
+            offset += n
+        out.flush()
+        del out
 
 
 # --------------------------------------------------------------------------- splits
@@ -338,54 +387,74 @@ class _ChunkWorker:
                                            batch_size=64 if config["device"].startswith("cuda") else 16)
 
     def run(self, path: Path, items: list) -> int:
-        faces_mod, size = self.faces, self.alignment.size
-        records, rejects, crops = [], [], []
+        """Align the faces of `items` ((sample dict, content hash, split) each) into `path`."""
+        records: list[dict] = []
+        rejects: list[dict] = []
+        crops: list[np.ndarray] = []
+        loaded = self._decode(items, rejects)
+        if self.detector is None:
+            for sample, content, split, image in loaded:
+                crops.append(self.faces.resize_crop(image, self.alignment.size))
+                records.append(_record(sample, content, split, "none", None, "only"))
+        else:
+            found = self.detector.detect([item[3] for item in loaded], retry=not self.config["all_faces"])
+            for (sample, content, split, image), dets in zip(loaded, found):
+                self._align_detected(sample, content, split, image, dets, crops, records, rejects)
+        self._save(path, crops, records, rejects)
+        return len(items)
+
+    def _decode(self, items: list, rejects: list[dict]) -> list[tuple]:
+        """(sample, content, split, image) for each readable item; the others become rejects."""
         loaded = []
         for sample, content, split in items:
             if not content:
                 continue  # unreadable: already rejected while hashing
             try:
-                image = faces_mod.read_image(self.root / sample["path"])
-            except faces_mod.ImageError as exc:
+                image = self.faces.read_image(self.root / sample["path"])
+            except self.faces.ImageError as exc:
                 rejects.append(dict(path=sample["path"], reason=exc.reason, detail=exc.detail))
                 continue
             loaded.append((sample, content, split, image))
-        if self.detector is None:
-            for sample, content, split, image in loaded:
-                crops.append(faces_mod.resize_crop(image, size))
-                records.append(_record(sample, content, split, "none", None, "only"))
-        else:
-            found = self.detector.detect([item[3] for item in loaded], retry=not self.config["all_faces"])
-            for (sample, content, split, image), dets in zip(loaded, found):
-                if not dets and self.config["crop_centred"]:
-                    # the crop is centred on the labelled face (Adience): align the centre
-                    marks = faces_mod.centre_landmarks(image.shape, CROP_CENTRE_FRACTION, self.alignment.template)
-                    crops.append(faces_mod.align(image, marks, self.alignment))
-                    records.append(_record(sample, content, split, "none", None, "crop_centre_fallback"))
-                    continue
-                if not dets:
-                    rejects.append(dict(path=sample["path"], reason="no_face", detail=""))
-                    continue
-                if self.config["all_faces"]:
-                    chosen = [(i, "all") for i in range(len(dets))]
-                else:
-                    hint, name = sample["box"], "metadata_box"
-                    if hint is None and self.config["crop_centred"]:
-                        h, w = image.shape[:2]
-                        side = CROP_CENTRE_FRACTION * min(h, w)
-                        hint, name = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2), "crop_centre"
-                    index, how = faces_mod.pick_face(dets, image.shape, hint)
-                    chosen = [(index, name if how == "metadata_box" else how)]
-                for index, how in chosen:
-                    det = dets[index]
-                    crops.append(faces_mod.align(image, det.landmarks, self.alignment))
-                    records.append(_record(sample, content, split, "mtcnn", det, how))
+        return loaded
+
+    def _align_detected(self, sample: dict, content: str, split: str, image: np.ndarray, dets: list,
+                        crops: list, records: list, rejects: list) -> None:
+        """The chosen face(s) of one image, a centred fallback, or a no_face reject."""
+        faces_mod = self.faces
+        if not dets and self.config["crop_centred"]:
+            # the crop is centred on the labelled face (Adience): align the centre
+            marks = faces_mod.centre_landmarks(image.shape, CROP_CENTRE_FRACTION, self.alignment.template)
+            crops.append(faces_mod.align(image, marks, self.alignment))
+            records.append(_record(sample, content, split, "none", None, "crop_centre_fallback"))
+            return
+        if not dets:
+            rejects.append(dict(path=sample["path"], reason="no_face", detail=""))
+            return
+        for index, how in self._choose(sample, image, dets):
+            det = dets[index]
+            crops.append(faces_mod.align(image, det.landmarks, self.alignment))
+            records.append(_record(sample, content, split, "mtcnn", det, how))
+
+    def _choose(self, sample: dict, image: np.ndarray, dets: list) -> list[tuple[int, str]]:
+        """(detection index, how it was chosen) of the face(s) to keep: every face, or the one
+        `faces.pick_face` picks, hinted by the metadata box (else, on a centred crop, its centre)."""
+        if self.config["all_faces"]:
+            return [(i, "all") for i in range(len(dets))]
+        hint, name = sample["box"], "metadata_box"
+        if hint is None and self.config["crop_centred"]:
+            h, w = image.shape[:2]
+            side = CROP_CENTRE_FRACTION * min(h, w)
+            hint, name = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2), "crop_centre"
+        index, how = self.faces.pick_face(dets, image.shape, hint)
+        return [(index, name if how == "metadata_box" else how)]
+
+    def _save(self, path: Path, crops: list, records: list, rejects: list) -> None:
+        size = self.alignment.size
         array = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
         meta = json.dumps(dict(records=records, rejects=rejects))
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(handle, faces=array, meta=np.array(meta))
-        return len(items)
 
 
 def _record(sample: dict, content: str, split: str, detector: str, det, chosen_by: str) -> dict:
@@ -399,18 +468,6 @@ def _record(sample: dict, content: str, split: str, detector: str, det, chosen_b
 
 
 # --------------------------------------------------------------------------- reporting
-def _parse_shard(shard: str | None) -> tuple[int, int]:
-    if shard is None:
-        return 0, 0
-    try:
-        i, n = (int(v) for v in shard.split("/"))
-    except ValueError:
-        raise AgecliError(f"--shard {shard!r} must look like I/N, e.g. 1/4 (the first of four jobs).") from None
-    if not 1 <= i <= n:
-        raise AgecliError(f"--shard {shard}: I must be between 1 and N.")
-    return i - 1, n
-
-
 def _results(dataset, root, run, parsed: Parsed, samples, frame: pd.DataFrame, rejects: pd.DataFrame,
              quirks, duplicates, elapsed, reused, n_chunks, n_workers) -> dict[str, Any]:
     ages = frame["age"].astype(float).dropna()

@@ -4,10 +4,10 @@
 
 It reads what the stages left behind and invents nothing: the prepare manifest (counts,
 alignment, splits), every train/distill/eval stage (manifest results, the last rows of
-history.csv, learning-curve PNGs, metrics), and the bench stage (bench.csv as a table,
-student/teacher speed-ups, robustness summary, its PNGs), plus the seed groups (models that
-differ only in their seed, with their spread). Stages that are missing or not
-complete are listed as such. Images are linked with paths relative to the run, so the
+history.csv, learning-curve PNGs, metrics), and the bench stage (bench.json's rows as a
+table, student/teacher speed-ups, robustness summary, its PNGs), plus the seed groups
+(models that differ only in their seed, with their spread; `final_maes` is the one reader of
+a stage's metrics.json). Stages that are missing or not complete are listed as such. Images are linked with paths relative to the run, so the
 folder can be moved or zipped as a whole.
 """
 
@@ -96,6 +96,30 @@ def _stage_section(run: Path, folder: Path, title: str) -> list[str]:
 RUNTIME_OPTIONS = ("device", "threads", "workers", "resume", "val_batch_size")
 
 
+def final_maes(stage_dir: Path) -> tuple[float | None, float | None]:
+    """(val MAE, test MAE) of a stage's final model, from its metrics.json
+    ({"val": {...}, "test": {...}, ...} for train and distill alike)."""
+    metrics_path = stage_dir / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.exists() else {}
+    return (metrics.get("val") or {}).get("mae"), (metrics.get("test") or {}).get("mae")
+
+
+def _seed_member(manifest_path: Path, stage: str) -> tuple[str, dict[str, Any]] | None:
+    """(what the model's configuration is, without its seed and runtime options; its seed and
+    MAEs) for a complete stage, else None."""
+    manifest = read_json(manifest_path)
+    if manifest.get("status") != "complete" or not isinstance(manifest.get("args"), dict):
+        return None
+    args = {k: v for k, v in manifest["args"].items() if k != "name"}
+    options = {k: v for k, v in (args.get("options") or {}).items() if k not in RUNTIME_OPTIONS}
+    seed = options.pop("seed", None)
+    args["options"] = options
+    val_mae, test_mae = final_maes(manifest_path.parent)
+    key = stage + json.dumps(args, sort_keys=True, default=str)
+    return key, {"stage": stage, "name": manifest_path.parent.name, "seed": seed,
+                 "val_mae": val_mae, "test_mae": test_mae}
+
+
 def seed_groups(run: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """The run's models that differ only in their seed, one row per group of two or more: the
     mean and the range of their val and test MAE. A difference between two configurations has
@@ -104,123 +128,131 @@ def seed_groups(run: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for stage in ("train", "distill"):
         for manifest_path in sorted((run / stage).glob("*/manifest.json")):
-            manifest = read_json(manifest_path)
-            if manifest.get("status") != "complete" or not isinstance(manifest.get("args"), dict):
-                continue
-            args = {k: v for k, v in manifest["args"].items() if k != "name"}
-            options = {k: v for k, v in (args.get("options") or {}).items() if k not in RUNTIME_OPTIONS}
-            seed = options.pop("seed", None)
-            args["options"] = options
-            metrics_path = manifest_path.parent / "metrics.json"
-            metrics = read_json(metrics_path) if metrics_path.exists() else {}
-            test = metrics.get("test") or (metrics.get("student") if metrics.get("split") == "test" else None)
-            key = stage + json.dumps(args, sort_keys=True, default=str)
-            groups.setdefault(key, []).append({
-                "stage": stage, "name": manifest_path.parent.name, "seed": seed,
-                "val_mae": (metrics.get("val") or {}).get("mae"), "test_mae": (test or {}).get("mae")})
-    rows = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        row: dict[str, Any] = {"stage": members[0]["stage"], "models": " / ".join(m["name"] for m in members),
-                               "seeds": ", ".join(str(m["seed"]) for m in members)}
-        for split in ("val", "test"):
-            values = [m[f"{split}_mae"] for m in members if m[f"{split}_mae"] is not None]
-            if len(values) == len(members):  # a mean over some seeds only would mislead
-                row.update({f"{split}_mae_mean": sum(values) / len(values), f"{split}_mae_min": min(values),
-                            f"{split}_mae_max": max(values), f"{split}_mae_range": max(values) - min(values)})
-        rows.append(row)
-    return rows
+            member = _seed_member(manifest_path, stage)
+            if member is not None:
+                groups.setdefault(member[0], []).append(member[1])
+    return [_seed_row(members) for members in groups.values() if len(members) >= 2]
 
 
+def _seed_row(members: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"stage": members[0]["stage"], "models": " / ".join(m["name"] for m in members),
+                           "seeds": ", ".join(str(m["seed"]) for m in members)}
+    for split in ("val", "test"):
+        values = [m[f"{split}_mae"] for m in members if m[f"{split}_mae"] is not None]
+        if len(values) == len(members):  # a mean over some seeds only would mislead
+            row.update({f"{split}_mae_mean": sum(values) / len(values), f"{split}_mae_min": min(values),
+                        f"{split}_mae_max": max(values), f"{split}_mae_range": max(values) - min(values)})
+    return row
+
+
+# --------------------------------------------------------------------------- the report
 def write_report(run: str | os.PathLike | None = None) -> Path:
     """Write RUN/report.md from every stage present in the run; returns its path."""
     run = resolve_run(run)
     lines = [f"# agecli report: {run.name}\n", f"Run directory: `{run}`\n"]
-
-    prep = run / "prepare" / "manifest.json"
-    lines.append("## 1. Prepared faces\n")
-    if prep.exists():
-        manifest = read_json(prep)
-        lines.append(f"Dataset **{manifest.get('dataset', '?')}**, status **{manifest.get('status')}**, "
-                     f"label space {manifest.get('label_space', '?')}, protocol {manifest.get('protocol', '?')}.\n\n"
-                     f"Alignment: `{json.dumps(manifest.get('alignment', {}))}`\n")
-        if manifest.get("results"):
-            lines.append(md_table(_scalars(manifest["results"]), ["result", "value"]))
-        records = run / "prepare" / "records.csv"
-        if records.exists():
-            rec = pd.read_csv(records, usecols=lambda c: c in ("split", "age", "gender"))
-            counts = rec.groupby("split").agg(faces=("split", "size"), mean_age=("age", "mean"),
-                                              female=("gender", lambda g: float((g == 1).mean())))
-            lines.append("\nFaces per split:\n\n" + md_table(counts.reset_index().to_dict("records")))
-        rejects = run / "prepare" / "rejects.csv"
-        if rejects.exists():
-            rej = pd.read_csv(rejects)
-            if len(rej):
-                lines.append("\nRejected images by reason:\n\n" + md_table(
-                    rej.groupby("reason").size().rename("n").reset_index().to_dict("records")))
-        lines.extend(_images(run / "prepare", run))
-    else:
-        lines.append("_not prepared yet (`agecli prepare`)._\n")
-
+    lines += _prepare_section(run)
     for number, stage, title in ((2, "train", "Trained models"), (3, "distill", "Distilled students"),
                                  (4, "eval", "Evaluations")):
-        lines.append(f"\n## {number}. {title}\n")
-        folders = sorted(p for p in (run / stage).glob("*") if p.is_dir()) if (run / stage).is_dir() else []
-        if (run / stage / "manifest.json").exists():
-            folders = [run / stage] + folders
-        if not folders:
-            lines.append(f"_none (`agecli {stage}`)._\n")
-        for folder in folders:
-            lines.extend(_stage_section(run, folder, f"{stage}/{folder.name}" if folder.name != stage else stage))
+        lines += _stages_section(run, number, stage, title)
+    lines += _seeds_section(run)
+    lines += _bench_section(run)
+    path = run / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
 
+
+def _prepare_section(run: Path) -> list[str]:
+    lines = ["## 1. Prepared faces\n"]
+    prep = run / "prepare" / "manifest.json"
+    if not prep.exists():
+        return lines + ["_not prepared yet (`agecli prepare`)._\n"]
+    manifest = read_json(prep)
+    lines.append(f"Dataset **{manifest.get('dataset', '?')}**, status **{manifest.get('status')}**, "
+                 f"label space {manifest.get('label_space', '?')}, protocol {manifest.get('protocol', '?')}.\n\n"
+                 f"Alignment: `{json.dumps(manifest.get('alignment', {}))}`\n")
+    if manifest.get("results"):
+        lines.append(md_table(_scalars(manifest["results"]), ["result", "value"]))
+    records = run / "prepare" / "records.csv"
+    if records.exists():
+        rec = pd.read_csv(records, usecols=lambda c: c in ("split", "age", "gender"))
+        counts = rec.groupby("split").agg(faces=("split", "size"), mean_age=("age", "mean"),
+                                          female=("gender", lambda g: float((g == 1).mean())))
+        lines.append("\nFaces per split:\n\n" + md_table(counts.reset_index().to_dict("records")))
+    rejects = run / "prepare" / "rejects.csv"
+    if rejects.exists():
+        rej = pd.read_csv(rejects)
+        if len(rej):
+            lines.append("\nRejected images by reason:\n\n" + md_table(
+                rej.groupby("reason").size().rename("n").reset_index().to_dict("records")))
+    return lines + _images(run / "prepare", run)
+
+
+def _stages_section(run: Path, number: int, stage: str, title: str) -> list[str]:
+    """One subsection per folder of RUN/STAGE (or RUN/STAGE itself when it is a stage)."""
+    lines = [f"\n## {number}. {title}\n"]
+    folders = sorted(p for p in (run / stage).glob("*") if p.is_dir()) if (run / stage).is_dir() else []
+    if (run / stage / "manifest.json").exists():
+        folders = [run / stage] + folders
+    if not folders:
+        lines.append(f"_none (`agecli {stage}`)._\n")
+    for folder in folders:
+        lines.extend(_stage_section(run, folder, f"{stage}/{folder.name}" if folder.name != stage else stage))
+    return lines
+
+
+def _seeds_section(run: Path) -> list[str]:
     groups = seed_groups(run)
-    if groups:
-        lines.append("\n## 5. Seeds\n")
-        lines.append("Models that differ only in their seed (runtime options such as device and threads "
-                     "aside): the spread a difference between configurations has to beat.\n\n")
-        lines.append(md_table(groups, ["stage", "models", "seeds", "val_mae_mean", "val_mae_range", "test_mae_mean",
-                                       "test_mae_min", "test_mae_max", "test_mae_range"]))
+    if not groups:
+        return []
+    return ["\n## 5. Seeds\n",
+            "Models that differ only in their seed (runtime options such as device and threads "
+            "aside): the spread a difference between configurations has to beat.\n\n",
+            md_table(groups, ["stage", "models", "seeds", "val_mae_mean", "val_mae_range", "test_mae_mean",
+                              "test_mae_min", "test_mae_max", "test_mae_range"])]
 
-    lines.append("\n## 6. Benchmark\n")
+
+# bench.json row columns the report shows, where any row has a value
+BENCH_COLUMNS = ["model", "role", "backend", "status", "input_size", "params_m", "gflops", "file_mb", "mae", "cs5",
+                 "gender_acc", "mae_vs_reference", "latency_ms", "p95_ms", "throughput", "peak_mem_mb", "mce",
+                 "mce_rel", "error"]
+
+
+def _bench_section(run: Path) -> list[str]:
+    lines = ["\n## 6. Benchmark\n"]
     bench_json = run / "bench" / "bench.json"
-    if bench_json.exists():
-        data = read_json(bench_json)
-        machine = data.get("machine", {})
-        timing = data.get("timing", {})
-        lines.append(
-            f"Device **{data.get('device')}** ({machine.get('gpu') or machine.get('cpu', '?')}), "
+    if not bench_json.exists():
+        return lines + ["_not benchmarked yet (`agecli bench`)._\n"]
+    data = read_json(bench_json)
+    lines.append(_bench_setting(data))
+    if data.get("accuracy", "labels") != "labels":
+        lines.append(f"**No age labels on the test faces.** Accuracy: {data.get('accuracy_note', '')}. "
+                     "For the same reason there is no error-by-true-age plot and no robustness table.\n\n")
+    rows = data.get("rows", [])
+    lines.append(md_table(rows, [c for c in BENCH_COLUMNS if any(r.get(c) is not None for r in rows)]))
+    if data.get("speedups"):
+        lines.append("\nSpeed-up of each student over each teacher (latency ratio, same process):\n\n")
+        lines.append(md_table(data["speedups"]))
+    if data.get("robustness"):
+        lines.append("\nRobustness to ImageNet-C corruptions (mCE = mean MAE over corruptions and "
+                     "severities; relative = mCE / clean MAE on the same faces):\n\n")
+        lines.append(md_table([{"model": m, **{k: v for k, v in s.items() if not isinstance(v, dict)},
+                                **{f"{f}": v for f, v in s.get("by_family", {}).items()}}
+                               for m, s in data["robustness"].items()]))
+    if isinstance(data.get("plots"), dict):  # this bench's plots only, not stale files of an older one
+        lines.extend(f"![{Path(f).stem}](bench/{f})\n" for f in data["plots"].values()
+                     if (run / "bench" / f).exists())
+    else:
+        lines.extend(_images(run / "bench", run))
+    return lines
+
+
+def _bench_setting(data: dict[str, Any]) -> str:
+    """Where and how the bench timed: device, threads, versions, faces, repeats, memory method."""
+    machine = data.get("machine", {})
+    timing = data.get("timing", {})
+    return (f"Device **{data.get('device')}** ({machine.get('gpu') or machine.get('cpu', '?')}), "
             f"{data.get('threads')} torch threads, torch {machine.get('torch')}, onnxruntime "
             f"{machine.get('onnxruntime')}. {data.get('test_faces')} test faces. Latency: median and p95 of "
             f"{timing.get('repeats')} calls at batch {timing.get('batch_sizes', [1])[0]} after {timing.get('warmup')} "
             f"warm-up calls ({timing.get('clock')}); throughput at batch {timing.get('batch_sizes', [0])[-1]}. "
             f"Memory: {', '.join(timing.get('memory', []))}.\n\n")
-        accuracy = data.get("accuracy", "labels")
-        if accuracy != "labels":
-            lines.append(f"**No age labels on the test faces.** Accuracy: {data.get('accuracy_note', '')}. "
-                         "For the same reason there is no error-by-true-age plot and no robustness table.\n\n")
-        cols = ["model", "role", "backend", "status", "input_size", "params_m", "gflops", "file_mb", "mae", "cs5",
-                "gender_acc", "mae_vs_reference", "latency_ms", "p95_ms", "throughput", "peak_mem_mb", "mce",
-                "mce_rel", "error"]
-        rows = data.get("rows", [])
-        present = [c for c in cols if any(r.get(c) is not None for r in rows)]
-        lines.append(md_table(rows, present))
-        if data.get("speedups"):
-            lines.append("\nSpeed-up of each student over each teacher (latency ratio, same process):\n\n")
-            lines.append(md_table(data["speedups"]))
-        if data.get("robustness"):
-            lines.append("\nRobustness to ImageNet-C corruptions (mCE = mean MAE over corruptions and "
-                         "severities; relative = mCE / clean MAE on the same faces):\n\n")
-            lines.append(md_table([{"model": m, **{k: v for k, v in s.items() if not isinstance(v, dict)},
-                                    **{f"{f}": v for f, v in s.get("by_family", {}).items()}}
-                                   for m, s in data["robustness"].items()]))
-        if isinstance(data.get("plots"), dict):  # this bench's plots only, not stale files of an older one
-            lines.extend(f"![{Path(f).stem}](bench/{f})\n" for f in data["plots"].values()
-                         if (run / "bench" / f).exists())
-        else:
-            lines.extend(_images(run / "bench", run))
-    else:
-        lines.append("_not benchmarked yet (`agecli bench`)._\n")
-    path = run / "report.md"
-    write_text(path, "\n".join(lines))
-    return path

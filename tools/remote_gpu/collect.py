@@ -8,8 +8,6 @@ items = []
 for path in sorted(run.rglob("*")):
     if not path.is_file() or path.name in skip or "teacher_cache" in path.parts or "prepare" in path.parts:
         continue
-    if path.name == "best.pt" and (path.parent / "student.pt").exists():
-        continue   # distill: student.pt holds the same weights plus test metrics
     items.append(path)
 bins, sizes = [[]], [0]
 for path in sorted(items, key=lambda p: -p.stat().st_size):

@@ -16,9 +16,9 @@ el recipe
 timeout -s INT "${RECIPE_TIMEOUT:-900}" python3 -m agecli run recipes/utkface.yaml --run "$RUN" --root .gpu/utk \
   --jobs "${JOBS:-4}" --step train --step distill "$@" 2>&1 | tee "$OUT/recipe.log"
 el "recipe rc=$?"
-if [ -f "$RUN/distill/soft/student.pt" ]; then    # GPU timings for the note; the CPU bench runs at home
+if [ -f "$RUN/distill/soft/best.pt" ]; then    # GPU timings for the note; the CPU bench runs at home
   timeout "${BENCH_TIMEOUT:-120}" python3 -m agecli bench --run "$RUN" --device cuda --backend eager \
-    --models "$RUN/train/teacher_dlib128/best.pt" --models "$RUN/distill/soft/student.pt" \
+    --models "$RUN/train/teacher_dlib128/best.pt" --models "$RUN/distill/soft/best.pt" \
     --batch-sizes 1,256 --repeats 30 --no-reference --json --quiet > "$OUT/bench_cuda.json"
   mv "$RUN/bench" "$RUN/bench_cuda" 2>/dev/null
 fi

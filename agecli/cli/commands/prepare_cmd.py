@@ -1,14 +1,16 @@
-"""`agecli prepare`: the typer command; all logic lives in agecli.prepare.prepare."""
+"""`agecli prepare`: the typer command; all logic lives in agecli.stages.prepare.prepare, and
+every default in agecli.options.PrepareOptions.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: the `Annotated` help of DATASET names the
+datasets, a local of `register`, which a string annotation could not see."""
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from agecli.cli.commands import emit_json
-from agecli.stages.prepare import DEFAULTS
+from agecli.options import PrepareOptions
 
 
 def register(app: typer.Typer) -> None:
@@ -30,33 +32,42 @@ Examples:
 
 Re-running resumes: finished chunks are kept and the result is identical.""")
     def prepare_command(
-        dataset: str = typer.Argument(..., help=f"dataset layout: {names}"),
-        root: Path = typer.Option(..., "--root", help="folder (or CSV file for `csv`) holding the dataset"),
-        run: Optional[Path] = typer.Option(None, "--run", help="run directory [default: runs/<dataset>]"),
-        size: int = typer.Option(DEFAULTS["size"], help="side of the aligned face crops, pixels"),
-        margin: float = typer.Option(DEFAULTS["margin"], help="context around the landmark template (0.4 = 40% more)"),
-        template: str = typer.Option(DEFAULTS["template"], help="5-point template: arcface5 or utkface_chip"),
-        detector: Optional[str] = typer.Option(None, help="mtcnn, or none for already-aligned crops "
-                                               "[default: none for utkface, else mtcnn]"),
-        device: str = typer.Option("cpu", help="cpu or cuda (batched detection on the GPU)"),
-        workers: Optional[int] = typer.Option(None, help="CPU worker processes [default: all cores with mtcnn]"),
-        limit: Optional[int] = typer.Option(None, help="only N images, a seeded random sample (quick trials)"),
-        shard: Optional[str] = typer.Option(None, help="I/N: process every N-th chunk starting at I (1-based)"),
-        strict: bool = typer.Option(False, "--strict", help="fail if images listed by the dataset are missing"),
-        seed: int = typer.Option(0, help="seed of the train/val/test assignment"),
-        val_fraction: float = typer.Option(DEFAULTS["val_fraction"], help="share of groups for validation"),
-        test_fraction: float = typer.Option(DEFAULTS["test_fraction"], help="share for test (no official split)"),
-        max_side: int = typer.Option(DEFAULTS["max_side"], help="longer side images are scaled to for detection"),
-        as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+        dataset: Annotated[str, typer.Argument(help=f"dataset layout: {names}")],
+        root: Annotated[Path, typer.Option("--root", help="folder (or CSV file for `csv`) holding the dataset")],
+        run: Annotated[Optional[Path], typer.Option("--run", help="run directory [default: runs/<dataset>]")] = None,
+        size: Annotated[int, typer.Option(help="side of the aligned face crops, pixels")] = PrepareOptions.size,
+        margin: Annotated[float, typer.Option(help="context around the landmark template (0.4 = 40% more)")]
+        = PrepareOptions.margin,
+        template: Annotated[str, typer.Option(help="5-point template: arcface5 or utkface_chip")]
+        = PrepareOptions.template,
+        detector: Annotated[Optional[str], typer.Option(help="mtcnn, or none for already-aligned crops "
+                                                        "[default: none for utkface, else mtcnn]")]
+        = PrepareOptions.detector,
+        device: Annotated[str, typer.Option(help="cpu or cuda (batched detection on the GPU)")] = PrepareOptions.device,
+        workers: Annotated[Optional[int], typer.Option(help="CPU worker processes [default: all cores with mtcnn]")]
+        = PrepareOptions.workers,
+        limit: Annotated[Optional[int], typer.Option(help="only N images, a seeded random sample (quick trials)")]
+        = PrepareOptions.limit,
+        shard: Annotated[Optional[str], typer.Option(help="I/N: process every N-th chunk starting at I (1-based)")]
+        = PrepareOptions.shard,
+        strict: Annotated[bool, typer.Option("--strict", help="fail if images listed by the dataset are missing")]
+        = PrepareOptions.strict,
+        seed: Annotated[int, typer.Option(help="seed of the train/val/test assignment")] = PrepareOptions.seed,
+        val_fraction: Annotated[float, typer.Option(help="share of groups for validation")]
+        = PrepareOptions.val_fraction,
+        test_fraction: Annotated[float, typer.Option(help="share for test (no official split)")]
+        = PrepareOptions.test_fraction,
+        max_side: Annotated[int, typer.Option(help="longer side images are scaled to for detection")]
+        = PrepareOptions.max_side,
+        as_json: Annotated[bool, typer.Option("--json", help="print the results as one JSON object")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     ) -> None:
+        from agecli.progress import rich_progress
         from agecli.stages.prepare import prepare
 
         kwargs = dict(size=size, margin=margin, template=template, detector=detector, device=device,
                       workers=workers, limit=limit, shard=shard, strict=strict, seed=seed,
                       val_fraction=val_fraction, test_fraction=test_fraction, max_side=max_side)
-        from agecli.progress import rich_progress
-
         with rich_progress(quiet or as_json) as progress:
             results = prepare(dataset, root, run, progress=progress, **kwargs)
         if as_json:

@@ -56,7 +56,7 @@ def run_cmd(
       agecli run utkface --root DATA --step train --jobs 3 --set train.device=cuda
     """
     from agecli.progress import rich_progress
-    from agecli.recipes.runner import load_recipe, run_recipe
+    from agecli.recipes import load_recipe, run_recipe
 
     loaded = load_recipe(recipe, overrides)
     run_dir = run or Path("runs") / (loaded.path.stem if loaded.path else "recipe")

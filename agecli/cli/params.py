@@ -1,0 +1,127 @@
+"""Command-line parameters shared by the commands, as typer `Annotated` types.
+
+Options dataclasses (agecli.options) are the one source of their defaults: `with_options`
+gives a command one option per field named in a table below (TRAINING for TrainOptions,
+DISTILLATION for DistillOptions), with the dataclass's default, and hands the command the
+dataclass built from them, validated by it:
+
+    @with_options(TrainOptions, TRAINING, into="options")
+    def train_command(arch: Arch, run: Run = None, *, options: TrainOptions) -> None: ...
+
+A new field needs one line in its table and shows up in every command that takes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+# --------------------------------------------------------------------------- what to train on, and how to report
+Run = Annotated[Optional[Path], typer.Option("--run", help="run directory [default: the latest under runs/]")]
+Name = Annotated[Optional[str], typer.Option("--name", help="output folder name [default: from the model]")]
+Size = Annotated[Optional[int], typer.Option(
+    "--size", help="input side in px [default: min(store size, backbone default)]")]
+Encoding = Annotated[str, typer.Option("--encoding", help="regression | classification | ldae | ordinal | groups")]
+Gender = Annotated[bool, typer.Option("--gender", help="add a gender head (multi-task, on gender-labelled faces)")]
+Pretrained = Annotated[Optional[str], typer.Option(
+    "--pretrained", help="imagenet: torchvision's weights (online or cached); dlib: the CC0 dlib weights")]
+Init = Annotated[Optional[Path], typer.Option("--init", help="start from an agecli checkpoint or a state dict")]
+Json = Annotated[bool, typer.Option("--json", help="print the results as one JSON object")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+
+
+def _option(*decls: str, panel: str, **kwargs: Any) -> typer.models.OptionInfo:
+    return typer.Option(*decls, rich_help_panel=panel, **kwargs)
+
+
+# --------------------------------------------------------------------------- TrainOptions
+_LOOP = "Training loop"
+TRAINING: dict[str, Any] = {
+    "epochs": Annotated[int, _option(panel=_LOOP, help="passes over the training split")],
+    "time_limit": Annotated[Optional[float], _option(panel=_LOOP,
+                                                     help="minutes: end the schedule early to finish in time")],
+    "batch_size": Annotated[int, _option(panel=_LOOP, help="faces per step (per process with torchrun)")],
+    "lr": Annotated[float, _option(panel=_LOOP, help="peak learning rate (after warm-up; cosine decay)")],
+    "weight_decay": Annotated[float, _option(panel=_LOOP, help="weight decay (not on norms and biases)")],
+    "optimizer": Annotated[str, _option(panel=_LOOP, help="adamw | sgd")],
+    "warmup_epochs": Annotated[float, _option(panel=_LOOP, help="linear warm-up length in epochs")],
+    "clip_grad": Annotated[Optional[float], _option(panel=_LOOP, help="max gradient norm (0 = off)")],
+    "patience": Annotated[Optional[int], _option(panel=_LOOP, help="early stop after N epochs without better val MAE")],
+    "augment": Annotated[bool, _option("--augment/--no-augment", panel=_LOOP,
+                                       help="flip/zoom/rotate/colour augmentation")],
+    "device": Annotated[str, _option(panel=_LOOP, help="cpu | cuda | cuda:N | auto (cuda when there is a GPU)")],
+    "amp": Annotated[bool, _option("--amp/--no-amp", panel=_LOOP, help="mixed precision on CUDA")],
+    "channels_last": Annotated[bool, _option("--channels-last/--no-channels-last", panel=_LOOP,
+                                             help="NHWC memory format on CUDA")],
+    "compile": Annotated[bool, _option("--compile/--no-compile", panel=_LOOP, help="torch.compile the model")],
+    "workers": Annotated[int, _option(panel=_LOOP, help="batches prefetched in the background (0 = inline)")],
+    "threads": Annotated[Optional[int], _option(panel=_LOOP, help="torch CPU threads [default: torch's choice]")],
+    "seed": Annotated[int, _option(panel=_LOOP, help="seed for init, shuffling and augmentation")],
+    "resume": Annotated[bool, _option("--resume", panel=_LOOP, help="continue the NAME folder from its last.pt")],
+    "val_batch_size": Annotated[int, _option(panel=_LOOP, help="faces per step when validating and scoring")],
+    "max_batches": Annotated[Optional[int], _option(panel=_LOOP, help="cap steps per epoch (quick trials)")],
+    "precise_bn_batches": Annotated[int, _option(panel=_LOOP, help="re-estimate BatchNorm statistics on this many "
+                                                                   "un-augmented batches before validating")],
+}
+
+# --------------------------------------------------------------------------- DistillOptions
+_KD = "Distillation"
+DISTILLATION: dict[str, Any] = {
+    "method": Annotated[list[str], _option("--method", "-m", panel=_KD,
+                                           help="soft | pseudo | hint | ordinal; repeat to combine "
+                                                "(--method soft --method hint)")],
+    "temperature": Annotated[float, _option("--temperature", "-T", panel=_KD, help="soft: softening temperature")],
+    "alpha": Annotated[float, _option(panel=_KD, help="weight of the ground-truth loss where labels exist "
+                                                      "(0: teacher only)")],
+    "soft_weight": Annotated[float, _option(panel=_KD, help="soft: weight of the soft-target loss")],
+    "pseudo_weight": Annotated[float, _option(panel=_KD, help="pseudo: weight of the pseudo-label loss")],
+    "pseudo_hard": Annotated[bool, _option("--pseudo-hard", panel=_KD, help="pseudo: teacher's age as a hard label")],
+    "hint_weight": Annotated[float, _option(panel=_KD, help="hint: weight of the feature loss")],
+    "hint_layer": Annotated[Optional[str], _option(panel=_KD, help="hint: teacher layer (checkpoint teachers), e.g. "
+                                                                   "backbone.layer3 [default: pooled features]")],
+    "student_layer": Annotated[Optional[str], _option(panel=_KD, help="hint/ordinal: student layer "
+                                                                      "[default: pooled features]")],
+    "ordinal_weight": Annotated[float, _option(panel=_KD, help="ordinal: weight of the ranking-teacher loss")],
+    "rank_k": Annotated[int, _option(panel=_KD, help="ordinal: faces per shuffled sequence when training the ranker")],
+    "rank_epochs": Annotated[Optional[int], _option(panel=_KD, help="ordinal: ranker epochs [default: --epochs]")],
+    "teacher_views": Annotated[int, _option(
+        "--teacher-views", metavar="K", panel=_KD,
+        help="label K fixed augmented crops of each training face with the teacher once, and train on those "
+             "crops (soft/pseudo): a slow teacher then costs K passes instead of one per epoch "
+             "[0: the teacher runs live]")],
+    "recrop": Annotated[bool, _option("--recrop/--no-recrop", panel=_KD,
+                                      help="re-crop faces to each teacher's own alignment when both are known")],
+    "teacher_device": Annotated[Optional[str], _option(panel=_KD, help="device of the teachers [default: --device]")],
+    "teacher_half": Annotated[bool, _option("--teacher-half", panel=_KD,
+                                            help="run checkpoint teachers in fp16 (CUDA only)")],
+}
+
+
+def with_options(cls: type, table: dict[str, Any], *, into: str) -> Callable[[Callable], Callable]:
+    """Give a command one CLI option per field of `cls` in `table` (default: the field's) and
+    call it with `into=cls(**those values)` instead."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(defaults))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != into]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name], annotation=annotation)
+                 for name, annotation in table.items()]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in table}
+            return command(**kwargs, **{into: cls(**values)})
+
+        wrapper.__signature__ = inspect.Signature(own + added)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+
+    return decorate

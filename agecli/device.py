@@ -1,0 +1,37 @@
+"""Which device a stage runs on: the one place that resolves `--device auto` and refuses a
+CUDA device on a machine where torch sees no GPU, in one wording.
+
+    resolve_device("auto")   -> "cuda" when torch sees a GPU, else "cpu"
+    require_device("cuda:1") -> "cuda:1", or AgecliError(cuda_absent("cuda:1")) without a GPU
+
+torch is imported inside the functions so the root helpers stay cheap to import.
+"""
+
+from __future__ import annotations
+
+from agecli.errors import AgecliError
+
+
+def resolve_device(device: str) -> str:
+    """"auto" is cuda when torch sees a GPU, else cpu; any other name is returned as given."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def cuda_absent(device: str) -> str:
+    """The message for a CUDA device asked for on a machine without one."""
+    return f"--device {device} was asked for but torch sees no CUDA GPU on this machine; use --device cpu."
+
+
+def require_device(device: str) -> str:
+    """`resolve_device`, refusing a CUDA device that torch cannot see (AgecliError)."""
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AgecliError(cuda_absent(device))
+    return device

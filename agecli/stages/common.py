@@ -1,0 +1,190 @@
+"""What the train and distill stages share: one prelude and one epilogue around `fit`.
+
+Prelude: labelled rows and the minimum number of faces, the input-size check, the output
+folder's name (a new one, or the one `--resume` continues), the seeded model with its
+optional `--init` weights, and the self-describing `ModelSpec`.
+
+Epilogue: best.pt scored on the test split, its metrics written into best.pt's own spec and
+into metrics.json, whose schema both stages share:
+
+    {"val":  {...},        # best.pt's epoch on the validation split ("split", "epoch", "mae", ...)
+     "test": {...} | null, # best.pt on the test split (null when the run has none)
+     ...}                  # a stage's own keys (distill: "teacher", "agreement_mae", "speed", "parameters")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agecli.engine import distributed
+from agecli.engine.inference import predict_store
+from agecli.errors import AgecliError
+from agecli.modeling.backbones import BACKBONES, AgeModel, build_model
+from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, load_state, save_checkpoint
+from agecli.modeling.encodings import Encoding
+from agecli.options import TrainOptions
+from agecli.progress import ProgressFn
+from agecli.rundir import Stage, unique_name, write_json
+from agecli.store import FaceStore
+
+MIN_TRAIN_FACES = 16  # fewer training faces than this is a mistake, not an experiment
+
+
+# --------------------------------------------------------------------------- prelude
+def labelled(store: FaceStore, indices) -> np.ndarray:
+    """The rows of `indices` whose age is known."""
+    indices = np.asarray(indices, dtype=np.int64)
+    ages = store.records["age"].to_numpy()
+    return indices[~np.isnan(ages[indices])]
+
+
+def split_counts(store: FaceStore) -> str:
+    """Labelled faces per split, for error messages: "test: 60, train: 150, val: 30"."""
+    counts = store.records.groupby("split")["age"].count().to_dict()
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def require_faces(count: int, run: Path, store: FaceStore, what: str = "labelled training faces") -> None:
+    if count < MIN_TRAIN_FACES:
+        raise AgecliError(f"run {run} has only {count} {what} (at least {MIN_TRAIN_FACES} needed; labelled "
+                          f"faces per split: {split_counts(store)}). Prepare more faces (drop --limit).")
+
+
+def input_size(size: int | None, store: FaceStore, arch: str) -> int:
+    """The model's input side: `size`, by default the backbone's own, never above the stored faces."""
+    size = size or min(store.size, BACKBONES[arch].default_size)
+    if size > store.size:
+        raise AgecliError(f"--size {size} is larger than the run's {store.size}px faces; use --size {store.size} "
+                          "or less, or re-prepare with a larger --size.")
+    return size
+
+
+def output_name(parent: Path, base: str, resume: bool, world: distributed.World) -> str:
+    """The folder under `parent` to write: `base` itself when resuming it, else the first free
+    one of base, base2, ... (chosen by rank 0 under torchrun)."""
+    if resume:
+        if not (parent / base / "last.pt").exists():
+            runs = sorted(p.name for p in parent.glob("*")) if parent.is_dir() else "none"
+            raise AgecliError(f"--resume: {parent / base / 'last.pt'} does not exist; nothing to resume "
+                              f"(runs here: {runs}).")
+        return base
+    return distributed.broadcast(unique_name(parent, base) if world.main else None, world)
+
+
+def seeded_model(arch: str, encoding: Encoding, *, gender: bool, pretrained: str | None, init: str | Path | None,
+                 seed: int) -> tuple[AgeModel, dict[str, Any] | None]:
+    """The model to train (the same seed builds the same initial head), started from `init`'s
+    weights when given; returns it with what `load_init` reports."""
+    torch.manual_seed(seed)
+    model = build_model(arch, encoding, gender=gender, pretrained=pretrained)
+    return model, (load_init(model, init) if init else None)
+
+
+def load_init(model: AgeModel, path: str | Path) -> dict[str, Any]:
+    """Start from an agecli checkpoint or a plain state dict; heads that differ are left as built."""
+    path = Path(path)
+    state, source = _init_state(path)
+    own = model.state_dict()
+    if not any(k in own for k in state):  # a bare torchvision state dict: keys lack "backbone."
+        prefixed = {f"backbone.{k}": v for k, v in state.items()}
+        if any(k in own for k in prefixed):
+            state = prefixed
+    skipped = load_state(model, state, source=f"--init {path}", strict=False)
+    loaded = [k for k in state if k in own and k not in skipped]
+    backbone_keys = [k for k in own if k.startswith("backbone.")]
+    backbone_loaded = sum(1 for k in loaded if k.startswith("backbone."))
+    if backbone_loaded < 0.5 * len(backbone_keys):
+        shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in skipped if k in own][:3]
+        raise AgecliError(
+            f"--init {path} does not fit {model.__class__.__name__} with this --arch: only {backbone_loaded} of "
+            f"{len(backbone_keys)} backbone tensors match"
+            + (" (e.g. " + "; ".join(shape) + ")" if shape else "") + ". Use the same --arch the weights were trained with.")
+    return {"init": str(path), "kind": source, "loaded": len(loaded), "skipped": skipped}
+
+
+def _init_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of an `--init` file, and what kind of file it was."""
+    if not path.exists():
+        raise AgecliError(f"--init {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AgecliError(f"--init {path} could not be loaded safely (weights_only=True): "
+                          f"{str(exc).splitlines()[0]}. Give an agecli checkpoint or a saved state dict.") from None
+    if isinstance(payload, dict) and payload.get("format") == "agecli.checkpoint":
+        return payload["state_dict"], "agecli checkpoint"
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        return payload["state_dict"], "state dict"
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        return payload["model"], "state dict"
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload, "state dict"
+    raise AgecliError(f"--init {path} is neither an agecli checkpoint nor a state dict of tensors.")
+
+
+def model_spec(stage: str, store: FaceStore, run: Path, name: str, *, arch: str, encoding: Encoding, size: int,
+               gender: bool, mean, std, fingerprint: str, args: dict[str, Any],
+               init_info: dict[str, Any] | None, **provenance: Any) -> ModelSpec:
+    """The ModelSpec of a model trained on `store`; `provenance` adds the stage's own keys
+    (distill: method, loss, teachers) to the stage, run, name, dataset, args and init."""
+    return ModelSpec(
+        arch=arch, encoding=encoding.to_dict(), input_size=size, gender=gender, mean=mean, std=std,
+        alignment=store.manifest.get("alignment") or store.alignment.to_dict(),
+        label_space=store.manifest.get("label_space", "ages 0-100"), data_fingerprint=fingerprint,
+        provenance={"stage": stage, "run": str(run), "name": name, "dataset": store.dataset, **provenance,
+                    "args": args, "init": init_info and {k: v for k, v in init_info.items() if k != "skipped"}})
+
+
+class _Unrecorded:
+    """Stands in for the Stage on ranks > 0 under torchrun: only rank 0 writes the manifest."""
+
+    def set(self, **fields: Any) -> None:
+        pass
+
+    def complete(self, results: dict[str, Any] | None = None, files: list[str] | None = None) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def open_stage(world: distributed.World, run: Path, kind: str, name: str, args: dict[str, Any],
+               inputs: dict[str, Any]) -> Iterator[Stage | _Unrecorded]:
+    """The stage's manifest (rank 0), or a stand-in that records nothing (other ranks)."""
+    if not world.main:
+        yield _Unrecorded()
+        return
+    with Stage(run, kind, name, args=args, inputs=inputs) as stage:
+        yield stage
+
+
+# --------------------------------------------------------------------------- epilogue
+def load_best(out_dir: Path, options: TrainOptions) -> tuple[AgeModel, ModelSpec, str]:
+    """best.pt on the training device: (model, spec, device)."""
+    device = distributed.setup(options.device)[1]
+    model, spec = load_checkpoint(Path(out_dir) / "best.pt", device)
+    return model, spec, device
+
+
+def predict_rows(model: AgeModel, spec: ModelSpec, store: FaceStore, rows, device: str, options: TrainOptions,
+                 progress: ProgressFn | None) -> pd.DataFrame:
+    return predict_store(model, spec, store, rows, device=device, batch_size=options.val_batch_size,
+                         progress=progress)
+
+
+def update_best(out_dir: Path, model: AgeModel, spec: ModelSpec, metrics: dict[str, Any]) -> None:
+    """Add final `metrics` (test scores, ...) to best.pt's spec, so the file tells how good it is."""
+    spec.metrics = {**spec.metrics, **metrics}
+    save_checkpoint(Path(out_dir) / "best.pt", model, spec)
+
+
+def write_metrics(out_dir: Path, val: dict[str, Any], test: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    """metrics.json in the shared schema (see the module's docstring)."""
+    metrics = {"val": val, "test": test, **extra}
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,347 @@
+"""The distill stage: `distill(run, teachers=[...], student=..., method=...)`, the Python face of
+`agecli distill`. It checks the request, binds the teachers to the run's faces, builds the
+loss and its teacher feeds, trains the student with the shared loop (agecli.engine.loop.fit)
+and scores it next to its teacher, around the prelude and epilogue it shares with the train
+stage (agecli.stages.common)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from agecli.device import resolve_device
+from agecli.engine import distributed
+from agecli.engine.loop import InputFn, fit
+from agecli.engine.metrics import age_metrics, score
+from agecli.engine.timing import time_call
+from agecli.errors import AgecliError
+from agecli.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, count_parameters, resolve_arch
+from agecli.modeling.encodings import Encoding, build_encoding
+from agecli.options import DistillOptions, TrainOptions
+from agecli.progress import ProgressFn
+from agecli.rundir import resolve_run, write_csv, write_json
+from agecli.stages.common import (input_size, labelled, load_best, model_spec, open_stage, output_name, predict_rows,
+                                  require_faces, seeded_model, update_best, write_metrics)
+from agecli.stages.distill.feeds import CropForTeacher, LiveTeacher, TeacherTable, TeacherViews, teacher_on
+from agecli.stages.distill.losses import DistillLoss, TeacherFeed, build_loss
+from agecli.stages.distill.ranker import train_rank_teacher
+from agecli.stages.distill.stores import ConcatStore, store_key
+from agecli.stages.distill.student import Student, feature_widths
+from agecli.stages.teachers import Teacher, build_teacher, load_teacher
+from agecli.store import FaceStore
+
+
+def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), student: str = "mobilenet",
+            size: int | None = None, encoding: str = "ldae", gender: bool = False,
+            unlabelled: str | Path | None = None, rank_teacher: str | Path | None = None,
+            teacher_specs: Sequence[str] | None = None, teacher_weights: Sequence[float] | None = None,
+            pretrained: str | None = None, init: str | Path | None = None, name: str | None = None,
+            options: TrainOptions | None = None, config: DistillOptions | None = None,
+            progress: ProgressFn | None = None, **settings: Any) -> dict[str, Any]:
+    """Distil teacher(s) into a student on a prepared run; writes RUN/distill/<name>/ and returns results.
+
+    `config` (DistillOptions) says how to distil: method (soft | pseudo | hint | ordinal, or
+    several), loss weights, temperature, teacher views, ...; its fields can be given as
+    keywords too (`method="soft", alpha=0.0`), overriding `config`'s. `options` (TrainOptions)
+    are the training loop's knobs. `teacher_views` > 0: the teacher labels that many fixed
+    augmented crops of each training face once (`TeacherViews`) instead of running on every
+    augmented batch.
+    """
+    config = _config(config, settings)
+    options = options or TrainOptions()
+    world = distributed.from_env()
+    arch = resolve_arch(student)
+    teachers = list(teachers)
+    if "pseudo" in config.method and unlabelled is None:
+        raise AgecliError("--method pseudo needs an unlabelled face set: --unlabelled RUN (a `prepare folder` run, "
+                          "or any run whose labels are ignored).")
+    store, out_run = _open_store(run, unlabelled)
+    _check_request(config, options, teachers, store, out_run)
+    rows = _Rows.of(store)
+    require_faces(len(rows.train), out_run, store, "training faces")
+    enc = build_encoding(encoding)
+    size = input_size(size, store, arch)
+    device = resolve_device(options.device)
+    teacher_device = resolve_device(config.teacher_device or device)
+    teacher, notes = _bound_teacher(teachers, teacher_specs, teacher_weights, teacher_device, config, store)
+    base = name or f"{arch}_from_{teacher.name if teacher else 'labels'}".replace("/", "_")
+    name = output_name(out_run / "distill", base, options.resume, world)
+    out_dir = out_run / "distill" / name
+    model, init_info = seeded_model(arch, enc, gender=gender, pretrained=pretrained, init=init, seed=options.seed)
+    args = {"teachers": teachers, "teacher_specs": list(teacher_specs or []), "teacher_weights": teacher_weights,
+            "student": arch, "size": size, "encoding": enc.to_dict(), "gender": gender, "config": config.to_dict(),
+            "unlabelled": str(unlabelled) if unlabelled else None,
+            "rank_teacher": str(rank_teacher) if rank_teacher else None, "recrop": config.recrop,
+            "teacher_views": config.teacher_views, "pretrained": pretrained, "init": str(init) if init else None,
+            "name": name, "options": options.to_dict()}
+    inputs = {"prepare": store_key(store), "teacher": teacher.fingerprint() if teacher else None}
+    with open_stage(world, out_run, "distill", name, args, inputs) as stage:
+        feeds = _Feeds.build(teacher, store, rows, config, options, out_run / "teacher_cache", teacher_device,
+                             progress)
+        if feeds.cache_record:
+            stage.set(teacher_cache=feeds.cache_record)
+        if "ordinal" in config.method:
+            feeds.add_ranker(rank_teacher, store, rows, out_dir, arch=arch, size=size, pretrained=pretrained,
+                             config=config, options=options, progress=progress)
+        loss = _loss(config, store, gender, enc, feeds, model, size, rows)
+        spec = model_spec("distill", store, out_run, name, arch=arch, encoding=enc, size=size, gender=gender,
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD, fingerprint=store_key(store), args=args,
+                          init_info=init_info, method=list(config.method), loss=loss.to_dict()["terms"],
+                          teachers=teacher.describe() if teacher else None, rank_teacher=feeds.rank_info)
+        if world.main:
+            write_json(out_dir / "recipe.json", _recipe(arch, size, enc, config, loss, feeds, notes))
+        results = fit(Student(model, loss, layer=config.student_layer), spec, store, rows.train, rows.val, out_dir,
+                      options, loss_fn=loss, progress=progress, make_input=feeds.make_input,
+                      extra_state={"loss_state": loss})
+        results.update({"run": str(out_run), "name": name, "dir": str(out_dir), "student": arch, "input_size": size,
+                        "methods": list(config.method), "formula": loss.formula(),
+                        "checkpoint": str(out_dir / "best.pt"), "warnings": notes,
+                        "teacher": teacher.describe() if teacher else None})
+        if world.main:
+            results["metrics"] = _score(out_dir, store, rows, feeds, options, progress)
+            results["test"] = _write_metrics(out_dir, results["val"], results["metrics"])["test"]
+            stage.complete(results={k: v for k, v in results.items() if k not in ("teacher",)})
+    return results
+
+
+def _config(config: DistillOptions | None, settings: dict[str, Any]) -> DistillOptions:
+    """`config` with the DistillOptions fields given as keywords of `distill` put in."""
+    known = {f.name for f in fields(DistillOptions)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"distill() got unexpected keyword argument(s) {', '.join(unknown)}; DistillOptions "
+                        f"fields are {', '.join(sorted(known))}")
+    return replace(config or DistillOptions(), **settings)
+
+
+def _open_store(run, unlabelled) -> tuple[FaceStore | ConcatStore, Path]:
+    """The faces to train on (the labelled run, the unlabelled one, or both) and the run to write into."""
+    base_run = None if run is None and unlabelled is not None else resolve_run(run)
+    labelled_store = FaceStore.open(base_run) if base_run is not None else None
+    if unlabelled is None:
+        return labelled_store, base_run
+    store = ConcatStore.of(labelled_store, FaceStore.open(resolve_run(unlabelled)))
+    return store, base_run or resolve_run(unlabelled)
+
+
+def _check_request(config: DistillOptions, options: TrainOptions, teachers: list[str], store, out_run: Path) -> None:
+    """Refuse what cannot work: nothing to learn from, a method without the teacher it needs,
+    teacher views that would not be used."""
+    if not teachers and not store.has_ages:
+        raise AgecliError(f"run {out_run} has no age labels and no --teacher was given: there is nothing to learn from. "
+                          "Give a teacher (e.g. --teacher dlib-age) or a labelled run.")
+    methods = config.method
+    if any(m in methods for m in ("soft", "pseudo", "hint")) and not teachers:
+        raise AgecliError(f"--method {'/'.join(methods)} needs a teacher: --teacher PATH.pt | MODEL.onnx | dlib-age.")
+    if "ordinal" in methods and not teachers:
+        raise AgecliError("--method ordinal distils a ranking teacher together with the dark knowledge of a "
+                          "classification teacher: give that one with --teacher (ideally a checkpoint of the "
+                          "student's architecture trained with --encoding classification).")
+    if config.teacher_views and not options.augment:
+        raise AgecliError("--teacher-views stores the teacher's outputs on augmented crops, but --no-augment is "
+                          "set (and then the outputs are cached anyway): drop one of the two.")
+    if config.teacher_views and any(m in methods for m in ("hint", "ordinal")):
+        raise AgecliError("--teacher-views stores the teacher's age distributions only, which serve --method soft "
+                          "and pseudo; hint and ordinal need the teacher live: use --teacher-views 0.")
+
+
+@dataclass
+class _Rows:
+    train: np.ndarray            # every training face, labelled or not
+    train_labelled: np.ndarray
+    val: np.ndarray              # labelled only, as test
+    test: np.ndarray
+
+    @classmethod
+    def of(cls, store) -> "_Rows":
+        train = store.indices("train")
+        return cls(train, labelled(store, train), labelled(store, store.indices("val")),
+                   labelled(store, store.indices("test")))
+
+
+def _bound_teacher(teachers: list[str], specs, weights, device: str, config: DistillOptions,
+                   store) -> tuple[Teacher | None, list[str]]:
+    """The teacher (or ensemble), bound to the store's crops; with the warnings binding gave."""
+    if not teachers:
+        return None, []
+    teacher = build_teacher(teachers, specs=specs, weights=weights, device=device, half=config.teacher_half,
+                            hint_layer=config.hint_layer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        teacher.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset, recrop=config.recrop)
+    return teacher, [str(w.message) for w in caught]
+
+
+@dataclass
+class _Feeds:
+    """How the loss gets the teachers' answers, and how fit makes the student's input to match."""
+
+    teacher: Teacher | None
+    cached: bool                             # un-augmented inputs: answers computed once (TeacherTable)
+    store_size: int                          # side of the stored faces: no teacher's crop is larger
+    device: str                              # where the teachers run
+    teacher_feed: TeacherFeed | None = None
+    table: TeacherTable | None = None
+    views: TeacherViews | None = None
+    rank_feed: TeacherFeed | None = None
+    rank_info: dict[str, Any] | None = None
+    cache_record: dict[str, Any] | None = None   # for the manifest's "teacher_cache"
+    cache_dir: Path | None = None
+
+    @classmethod
+    def build(cls, teacher: Teacher | None, store, rows: _Rows, config: DistillOptions, options: TrainOptions,
+              cache_dir: Path, device: str, progress: ProgressFn | None) -> "_Feeds":
+        # cache_dir is content-keyed: students with other seeds or losses share it
+        feeds = cls(teacher, cached=not options.augment, store_size=store.size, device=device, cache_dir=cache_dir)
+        if teacher is None:
+            return feeds
+        if config.teacher_views:
+            if options.threads:  # the bank is built before fit sets the threads
+                torch.set_num_threads(options.threads)
+            feeds.views = TeacherViews(teacher, store, rows.train, config.teacher_views, cache_dir,
+                                       view_size=min(store.size, teacher.input_size), device=device, progress=progress)
+            feeds.teacher_feed = feeds.views
+            feeds.cache_record = {"key": feeds.views.key, "views": config.teacher_views, "built": feeds.views.built,
+                                  "seconds": round(feeds.views.seconds, 3)}
+        elif feeds.cached:
+            feeds.table = TeacherTable(teacher, store, np.concatenate([rows.train, rows.test]), cache_dir,
+                                       device=device, progress=progress)
+            feeds.teacher_feed = feeds.table
+            feeds.cache_record = {"key": feeds.table.key, "hit": feeds.table.hit}
+        else:
+            feeds.teacher_feed = LiveTeacher(teacher, IMAGENET_MEAN, IMAGENET_STD)
+        return feeds
+
+    def add_ranker(self, rank_teacher, store, rows: _Rows, out_dir: Path, *, arch: str, size: int, pretrained,
+                   config: DistillOptions, options: TrainOptions, progress: ProgressFn | None) -> None:
+        """The ranking teacher of --method ordinal: the one given, or one trained here first."""
+        rank_path = Path(rank_teacher) if rank_teacher else None
+        if rank_path is None:
+            rank_options = replace(options, epochs=config.rank_epochs or options.epochs, resume=False)
+            rank_path = train_rank_teacher(store, rows.train_labelled, rows.val, out_dir / "rank_teacher", arch=arch,
+                                           size=size, k=config.rank_k, options=rank_options, pretrained=pretrained,
+                                           alignment=store.manifest.get("alignment"), progress=progress)
+        ranker = load_teacher(str(rank_path), device=self.device, half=config.teacher_half)
+        ranker.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset, recrop=config.recrop)
+        self.rank_info = {"path": str(rank_path), "metrics": ranker.spec.metrics, "fingerprint": ranker.fingerprint()}
+        self.rank_feed = (TeacherTable(ranker, store, rows.train, self.cache_dir, device=self.device,
+                                       progress=progress)
+                          if self.cached else LiveTeacher(ranker, IMAGENET_MEAN, IMAGENET_STD))
+
+    @property
+    def view_size(self) -> int | None:
+        """Live teachers with a larger input see the student's augmented crop at their own resolution."""
+        live = [f.teacher for f in (self.teacher_feed, self.rank_feed) if isinstance(f, LiveTeacher)]
+        return min(self.store_size, max(t.input_size for t in live)) if live else None
+
+    def input_kind(self) -> str:
+        if self.cached:
+            return "cached (no augmentation)"
+        if self.views:
+            return f"a bank of {self.views.views} augmented views per face"
+        return "live on the augmented batch"
+
+    @property
+    def make_input(self) -> InputFn | None:
+        """fit's input function: the view bank's crops, a crop at a live teacher's size, or plain."""
+        if self.views is not None:
+            return self.views.make_input
+        return CropForTeacher(self.view_size) if self.view_size else None
+
+
+def _loss(config: DistillOptions, store, gender: bool, enc: Encoding, feeds: _Feeds, model: torch.nn.Module,
+          size: int, rows: _Rows) -> DistillLoss:
+    """The weighted terms the methods ask for, wired to their feeds. The hint adapter's shape
+    comes from probing student and teacher (its random init follows the model's, as before)."""
+    methods = config.method
+    terms: list[tuple[str, float, dict[str, Any]]] = []
+    if config.alpha > 0 and (store.has_ages or gender):
+        terms.append(("gt", config.alpha, {"gender": gender}))
+    if "soft" in methods or "ordinal" in methods:
+        terms.append(("soft", config.soft_weight, {"temperature": config.temperature}))
+    if "pseudo" in methods:
+        terms.append(("pseudo", config.pseudo_weight, {"hard": config.pseudo_hard}))
+    if "ordinal" in methods:
+        terms.append(("ordinal", config.ordinal_weight, {}))
+    if "hint" in methods:
+        widths = feature_widths(model, feeds.teacher, store, rows.train[:4], size, config.student_layer)
+        if widths["teacher_dim"] is None:
+            raise AgecliError(f"--method hint needs teacher features, but {feeds.teacher.name} exposes none "
+                              "(ONNX teachers: name a tensor with features=... in --teacher-spec).")
+        terms.append(("hint", config.hint_weight, widths))
+    loss = build_loss(terms)
+    loss.encoding, loss.teacher_feed, loss.rank_feed = enc, feeds.teacher_feed, feeds.rank_feed
+    return loss
+
+
+def _recipe(arch: str, size: int, enc: Encoding, config: DistillOptions, loss: DistillLoss, feeds: _Feeds,
+            notes: list[str]) -> dict[str, Any]:
+    """recipe.json: what the student learns from, and how (the loss formula, the teacher inputs)."""
+    return {"student": arch, "size": size, "encoding": enc.to_dict(), "methods": list(config.method),
+            "loss": loss.to_dict(), "teacher": feeds.teacher.describe() if feeds.teacher else None,
+            "rank_teacher": feeds.rank_info, "teacher_inputs": feeds.input_kind(), "view_size": feeds.view_size,
+            "warnings": notes}
+
+
+# --------------------------------------------------------------------------- scoring
+def _score(out_dir: Path, store, rows: _Rows, feeds: _Feeds, options: TrainOptions,
+           progress: ProgressFn | None) -> dict[str, Any]:
+    """best.pt next to its teacher on the test split (val when there is none): student and
+    teacher metrics, their agreement, speed and size. The student's scores go into best.pt's
+    spec too, and the predictions (with the teacher's ages) into <split>_predictions.csv."""
+    eval_idx, eval_split = (rows.test, "test") if len(rows.test) else (rows.val, "val")
+    model, spec, device = load_best(out_dir, options)
+    metrics: dict[str, Any] = {"split": eval_split}
+    if len(eval_idx):
+        frame = predict_rows(model, spec, store, eval_idx, device, options, progress)
+        metrics["student"] = score(frame)
+        if feeds.teacher is not None:
+            t_out = (feeds.table.lookup(torch.from_numpy(eval_idx)) if feeds.table is not None and len(rows.test)
+                     else teacher_on(feeds.teacher, store, eval_idx, feeds.device, progress))
+            t_age = t_out.age.numpy()
+            frame["teacher_age"] = t_age
+            metrics["teacher"] = age_metrics(t_age, frame["age"].to_numpy(), frame["age_std"].to_numpy())
+            metrics["agreement_mae"] = float(np.abs(frame["age_pred"].to_numpy() - t_age).mean())
+        write_csv(out_dir / f"{eval_split}_predictions.csv", frame)
+    metrics["speed"] = _speed(model, spec, feeds.teacher, device)
+    metrics["student_parameters"] = count_parameters(model)
+    update_best(out_dir, model, spec, {eval_split: metrics.get("student"), "teacher": metrics.get("teacher"),
+                                       "agreement_mae": metrics.get("agreement_mae")})
+    return metrics
+
+
+def _write_metrics(out_dir: Path, val: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json in the schema train writes too, plus distill's own keys: the teacher's
+    metrics on the same faces (with their split), the student-teacher agreement (MAE between
+    their predictions, years), the speed comparison and the student's parameters."""
+    split = metrics["split"]
+    teacher = {"split": split, **metrics["teacher"]} if "teacher" in metrics else None
+    return write_metrics(out_dir, val, metrics.get("student") if split == "test" else None, teacher=teacher,
+                         agreement_mae=metrics.get("agreement_mae"), speed=metrics["speed"],
+                         parameters=metrics["student_parameters"])
+
+
+def _speed(model: torch.nn.Module, spec, teacher: Teacher | None, device: str, batch: int = 32,
+           reps: int = 5) -> dict[str, Any]:
+    """Median ms per face of student and teacher on `device` (batch 32, after warm-up): the speed ratio."""
+    def ms_per_face(fn) -> float:
+        return time_call(fn, device=device, warmup=2, repeats=reps, clock="perf_counter")["median_ms"] / batch
+
+    gen = torch.Generator().manual_seed(0)
+    x01 = torch.rand(batch, 3, spec.input_size, spec.input_size, generator=gen)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    x = ((x01 - mean) / std).to(device)
+    with torch.inference_mode():
+        out = {"batch": batch, "threads": torch.get_num_threads(), "device": device,
+               "student_ms_per_face": ms_per_face(lambda: model(x))}
+        if teacher is not None:
+            xt = torch.rand(batch, 3, teacher.input_size, teacher.input_size, generator=gen).to(device)
+            out["teacher_ms_per_face"] = ms_per_face(lambda: teacher(xt))
+            out["speedup"] = out["teacher_ms_per_face"] / max(out["student_ms_per_face"], 1e-9)
+    return out
