@@ -17,7 +17,7 @@ from torch import nn
 
 from agecli.modeling.dlib_resnet import (DLIB_MEAN, DLIB_STD, IDENTITY_BLOCKS, DlibResNet10, init_age_head_from_dlib,
                           load_dlib_weights)
-from agecli.modeling.dlib_facerec import FACEREC_MEAN, FACEREC_STD, DlibFaceRec, load_facerec_weights
+from agecli.modeling.dlib_facerec import FACEREC_MEAN, FACEREC_STD, DlibFaceRec, fold_affine, load_facerec_weights
 from agecli.modeling.encodings import Encoding
 from agecli.errors import AgecliError
 
@@ -167,19 +167,19 @@ def build_model(arch: str, encoding: Encoding, *, gender: bool = False,
 
 
 class FaceRecFeatures(nn.Module):
-    """dlib's face-recognition network with its pooled features standardised (BatchNorm1d).
+    """dlib's face-recognition network, its affine layers folded into the convs so that it
+    fine-tunes (see DlibFaceRec), with its pooled features standardised (BatchNorm1d).
 
-    Its pooled features share a large offset and vary little around it (on real faces: mean
-    1.16, std 0.17 per dimension), so a freshly initialised age head cannot use them at
-    first, and the early gradients reshape the pretrained backbone instead (measured: val
-    MAE 10.2 after the first epoch of fine-tuning without this, against 7.3 for a ridge
-    probe on 240 faces' frozen features). Standardised, the head reads them at once."""
+    The pooled features share a large offset and vary little around it (on real faces: mean
+    1.16, std 0.17 per dimension), so a freshly initialised age head would barely see their
+    differences at first and its early gradients would go into reshaping the backbone;
+    standardised, the head reads them at once."""
 
     def __init__(self, stages: int, pretrained: bool):
         super().__init__()
-        self.body = DlibFaceRec(stages=stages)
+        self.body = DlibFaceRec(stages=stages, folded=True)
         if pretrained:
-            load_facerec_weights(self.body)
+            fold_affine(load_facerec_weights(DlibFaceRec(stages=stages)), self.body)
         # the 128-D identity embedding is not used for age (the pooled features carry more
         # of it); leaving it out keeps every parameter trained, which DDP requires
         self.body.embedding = None

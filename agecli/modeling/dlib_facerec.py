@@ -348,13 +348,13 @@ class _ResidualBlock(nn.Module):
     stride 2 and no padding and the shortcut is a 2x2/2 average pool; the two may then differ
     in width (and in the last blocks in size), which the zero-padded add absorbs."""
 
-    def __init__(self, cin: int, cout: int, down: bool):
+    def __init__(self, cin: int, cout: int, down: bool, folded: bool = False):
         super().__init__()
         self.down = down
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=2 if down else 1, padding=0 if down else 1)
-        self.affine1 = _Affine(cout)
+        self.affine1 = _affine(cout, folded)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.affine2 = _Affine(cout)
+        self.affine2 = _affine(cout, folded)
 
     def forward(self, x):
         y = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
@@ -362,10 +362,14 @@ class _ResidualBlock(nn.Module):
         return F.relu(add_zero_padded(shortcut, y))
 
 
-def _stage(cin: int, width: int, downs: tuple[bool, ...]) -> nn.Sequential:
+def _affine(channels: int, folded: bool) -> nn.Module:
+    return nn.Identity() if folded else _Affine(channels)
+
+
+def _stage(cin: int, width: int, downs: tuple[bool, ...], folded: bool) -> nn.Sequential:
     blocks = []
     for down in downs:
-        blocks.append(_ResidualBlock(cin, width, down))
+        blocks.append(_ResidualBlock(cin, width, down, folded))
         cin = width
     return nn.Sequential(*blocks)
 
@@ -377,17 +381,25 @@ class DlibFaceRec(nn.Module):
 
     `stages` < 4 keeps only the first width stages (32, 64, 128: feature_dim 32/64/128),
     for a smaller student that inherits the first face-recognition layers; it has no
-    embedding. The full network's blocks keep the same names, so weights carry over."""
+    embedding. The full network's blocks keep the same names, so weights carry over.
 
-    def __init__(self, stages: int = 4):
+    `folded`: every affine layer is folded into the conv before it (`fold_affine`), which is
+    how the network fine-tunes. As stored, the conv weights are tiny (std 0.002-0.017) and
+    the affine scales large (6-14); Adam moves every weight by about the learning rate per
+    step whatever its size, so at 1e-4 to 5e-4 those small weights changed by their own
+    magnitude within 80 steps and the pooled features grew from about 1 to 1e11-1e14
+    (measured on real faces, the affine layers trainable or frozen alike). Folded, the
+    convs have ordinary weight scales (the same function) and fine-tune like any network."""
+
+    def __init__(self, stages: int = 4, folded: bool = False):
         super().__init__()
         if not 1 <= stages <= len(STAGE_BLOCKS):
             raise ValueError(f"stages must be 1..{len(STAGE_BLOCKS)}, not {stages}")
         self.stem = nn.Conv2d(3, 32, 7, stride=2, padding=0)
-        self.stem_affine = _Affine(32)
+        self.stem_affine = _affine(32, folded)
         cin, kept = 32, []
         for width, downs in STAGE_BLOCKS[:stages]:
-            kept.append(_stage(cin, width, downs))
+            kept.append(_stage(cin, width, downs, folded))
             cin = width
         self.stages = nn.Sequential(*kept)
         self.feature_dim = cin
@@ -449,6 +461,19 @@ def _copy_conv(conv: nn.Conv2d, layer: DlibLayer) -> None:
 
 def _as_channels(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(values).reshape(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def fold_affine(source: DlibFaceRec, target: DlibFaceRec) -> DlibFaceRec:
+    """Copy `source` into a `folded` twin: each conv absorbs the affine after it,
+    W' = scale * W and b' = scale * b + offset per output channel (the same function)."""
+    for (conv, affine), (folded_conv, _) in zip(source.weight_layers(), target.weight_layers()):
+        scale, offset = affine.scale.reshape(-1), affine.offset.reshape(-1)
+        folded_conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        folded_conv.bias.copy_(conv.bias * scale + offset)
+    if target.embedding is not None and source.embedding is not None:
+        target.embedding.weight.copy_(source.embedding.weight)
+    return target
 
 
 def pretrained_facerec(stages: int = 4) -> DlibFaceRec:
