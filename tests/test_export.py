@@ -109,3 +109,77 @@ def test_decode_reads_age_and_female_probability():
     assert torch.equal(age, enc.predict(logits).float())
     assert female[0] == 0.5 and female[1] < 0.5 < female[2]
     assert female_probability({"age": logits}) is None and decode({"age": logits}, enc)[1] is None
+
+
+# --------------------------------------------------------------------------- the shipped model, files kept safe
+def _shipped_copy(tmp_path, provenance: dict | None = None):
+    """The default model saved again at `tmp_path/model.pt` (with `provenance` replaced when given)."""
+    from agecli.modeling.checkpoint import load_checkpoint, save_checkpoint
+    from agecli.modeling.zoo import default_model_path
+
+    model, spec = load_checkpoint(default_model_path())
+    if provenance is not None:
+        spec.provenance = provenance
+    return save_checkpoint(tmp_path / "model.pt", model, spec)
+
+
+def test_export_never_replaces_the_model_or_an_existing_file(tmp_path):
+    pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
+    model = _shipped_copy(tmp_path, provenance={})  # no run to read faces from: the bundled photos stand in
+    checkpoint = model.read_bytes()
+    with pytest.raises(AgecliError, match="is the checkpoint being exported"):
+        export(model, "onnx", out=model)
+    assert model.read_bytes() == checkpoint
+    out = tmp_path / "mine.onnx"
+    out.write_bytes(b"the user's own file")
+    with pytest.raises(AgecliError, match="exists; agecli does not write over it.*--force"):
+        export(model, "onnx", out=out)
+    with pytest.raises(AgecliError, match="differs from PyTorch.*nothing was written"):
+        export(model, "onnx", out=out, force=True, tolerance=0.0)  # a parity check that must fail
+    assert out.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.onnx", "model.pt"]  # no temporary file left
+    result = export(model, "onnx", out=out, force=True)
+    assert result["parity"]["passed"] and result["parity"]["split"] == "bundled photos"
+    assert result["parity"]["faces"] >= 20 and result["parity"]["mae_torch"] is None  # photos have no labels
+    assert load_exported(out).spec.arch == "dlib_resnet6"
+
+
+def test_the_shipped_model_exports_into_the_current_folder(tmp_path, monkeypatch):
+    pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
+    from agecli.modeling.zoo import WEIGHTS_DIR
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in WEIGHTS_DIR.iterdir())
+    result = export("default", "torchscript")
+    assert result["path"] == "default.torchscript" and (tmp_path / "default.torchscript").exists()
+    assert sorted(p.name for p in WEIGHTS_DIR.iterdir()) == before  # nothing written inside the package
+    with pytest.raises(AgecliError, match="not an agecli checkpoint.*bench --models dlib-age"):
+        export("dlib-age")
+
+
+def test_inference_metadata_says_everything_in_numbers(tmp_path):
+    pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
+    import onnxruntime as ort
+
+    from agecli.data.faces import template_pixels
+    from agecli.stages.facecrop import crop_alignment
+
+    model = _shipped_copy(tmp_path)
+    export(model, "onnx", out=tmp_path / "m.onnx", run=tmp_path)  # --run without a prepare stage: model's run
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    info = json.loads(session.get_modelmeta().custom_metadata_map["agecli_inference"])
+    spec = load_exported(tmp_path / "m.onnx").spec
+    assert info["input"]["input_size"] == spec.input_size == 56 and info["input"]["channel_order"] == "RGB"
+    assert info["input"]["mean"] == list(spec.mean) and info["input"]["std"] == list(spec.std)
+    alignment, _ = crop_alignment(spec)
+    assert info["crop"]["crop_size"] == 150 and info["crop"]["margin"] == 0.0
+    assert np.allclose(info["crop"]["template_px"], template_pixels(alignment), atol=1e-3)
+    raw = info["outputs"]["age_raw"]
+    assert raw["decode"] == "softmax_expected" and raw["support"] == list(range(101))
+    assert info["outputs"]["female_prob"]["female_index"] == 1
+    # decoding age_raw as the metadata says gives the graph's own age output
+    x = np.random.default_rng(0).random((4, 3, 56, 56), dtype=np.float32)
+    age, female, logits = session.run(["age", "female_prob", "age_raw"], {"images": x})
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert np.allclose(p @ np.asarray(raw["support"]), age, atol=1e-3) and ((0 <= female) & (female <= 1)).all()

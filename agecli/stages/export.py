@@ -13,11 +13,19 @@ The exported graph is a wrapper around the model (`DeployWrapper`):
 
 Normalisation (the checkpoint's mean/std) is inside the graph. The full `ModelSpec` travels
 with the file: ONNX `metadata_props["agecli_spec"]` (JSON), TorchScript extra file
-`agecli_spec.json`. Faces must be aligned as `spec.alignment` says (`agecli predict` does it).
+`agecli_spec.json`. `agecli_inference` (JSON, see `inference_metadata`) says in numbers how
+to feed and read the model without agecli: input size, channel order, mean/std, the crop
+(five-point template in crop pixels, margin, crop size) and how each output decodes;
+docs/onnx_standalone.py uses it with onnxruntime, OpenCV and numpy alone.
 
 Parity: the export is run on real aligned faces of the run's store (test split, else the
-model's own run) and compared with PyTorch: the largest absolute difference in predicted age
-and the MAE difference are reported, and the export fails above `tolerance` years.
+model's own run; without a prepared run, the faces of the photos bundled with agecli) and
+compared with PyTorch: the largest absolute difference in predicted age and the MAE
+difference are reported, and the export fails above `tolerance` years.
+
+Files: the export never writes over its checkpoint, refuses an existing --out unless
+`force`, and is checked before it is renamed into place, so a failed parity check leaves
+whatever was at --out untouched.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from agecli.engine.timing import time_call
 from agecli.errors import AgecliError
 from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, sniff
 from agecli.modeling.decode import decode
+from agecli.modeling.zoo import WEIGHTS_DIR, resolve_checkpoint
 from agecli.rundir import atomic_path, fingerprint_file
 
 EXPORT_FORMAT = "agecli.export"
@@ -174,12 +183,14 @@ def onnx_session(path: str | Path, *, device: str = "cpu", threads: int | None =
         raise AgecliError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
-def load_exported(path: str | Path, *, device: str = "cpu", threads: int | None = None) -> Exported:
-    """Load an ONNX or TorchScript file written by `export` (its spec comes from its metadata)."""
+def load_exported(path: str | Path, *, device: str = "cpu", threads: int | None = None,
+                  kind: str | None = None) -> Exported:
+    """Load an ONNX or TorchScript file written by `export` (its spec comes from its metadata);
+    `kind` ("onnx" | "torchscript") when the file name does not tell."""
     path = Path(path)
     if not path.exists():
         raise AgecliError(f"model file {path} does not exist.")
-    if path.suffix == ".onnx" or sniff(path) == "an ONNX model":
+    if kind == "onnx" or (kind is None and (path.suffix == ".onnx" or sniff(path) == "an ONNX model")):
         session = onnx_session(path, device=device, threads=threads)
         meta = session.get_modelmeta().custom_metadata_map
         if "agecli_spec" not in meta:
@@ -235,9 +246,24 @@ def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limi
             idx = idx[np.linspace(0, len(idx) - 1, min(limit, len(idx))).astype(int)]
             return (np.ascontiguousarray(store.images[np.sort(idx)]),
                     store.records["age"].to_numpy(dtype=float)[np.sort(idx)], str(candidate), split)
-    raise AgecliError(f"no prepared run found for the parity check of {model_path} (looked in "
-                      f"{', '.join(map(str, candidates)) or 'the folders above the model'}); pass --run RUN "
-                      "with a prepare stage whose faces are aligned as the model expects.")
+    return _bundled_faces(model_path, spec, candidates, limit)
+
+
+def _bundled_faces(model_path: Path, spec: ModelSpec, looked: list[Path], limit: int):
+    """Without a prepared run: the faces of the photos bundled with agecli, cut as predict cuts them."""
+    from agecli.stages.facecrop import SAMPLE_PHOTOS, photo_faces
+
+    photos = sorted(SAMPLE_PHOTOS.glob("*.jpg"))
+    try:
+        faces = photo_faces(spec, photos, limit=limit) if photos else None
+    except AgecliError:  # no face detector installed
+        faces = None
+    if faces is None or not len(faces):
+        raise AgecliError(f"no prepared run found for the parity check of {model_path} (looked in "
+                          f"{', '.join(map(str, looked)) or 'the folders above the model'}) and no bundled photo "
+                          "could stand in; pass --run RUN with a prepare stage whose faces are aligned as the "
+                          "model expects.")
+    return faces, np.full(len(faces), np.nan), str(SAMPLE_PHOTOS), "bundled photos"
 
 
 def to_unit(images: np.ndarray, size: int) -> np.ndarray:
@@ -253,9 +279,10 @@ def _mae(pred: np.ndarray, true: np.ndarray) -> float | None:
 # --------------------------------------------------------------------------- export
 def export(model_path: str | Path, format: str = "onnx", out: str | Path | None = None, *,
            quantize: str | None = None, run: str | Path | None = None, tolerance: float = PARITY_TOLERANCE,
-           parity_limit: int = 256, progress=None) -> dict[str, Any]:
-    """Export a checkpoint, check it against PyTorch on real faces, optionally quantise (ONNX int8)."""
-    model_path = Path(model_path)
+           parity_limit: int = 256, force: bool = False, progress=None) -> dict[str, Any]:
+    """Export a checkpoint (a path, or `default`), check it against PyTorch on real faces before
+    it is put in place, optionally quantise (ONNX int8). `force` allows replacing an existing --out."""
+    model_path = resolve_checkpoint(model_path)
     fmt = get_format(format)
     if quantize not in (None, "int8"):
         raise AgecliError(f"--quantize {quantize!r} is not supported; the only choice is int8.")
@@ -263,20 +290,27 @@ def export(model_path: str | Path, format: str = "onnx", out: str | Path | None 
         raise AgecliError(f"--quantize int8 needs --format onnx (onnxruntime dynamic quantisation); got {format}.")
     read_checkpoint(model_path)  # explains what the file is when it is not a checkpoint
     model, spec = load_checkpoint(model_path, "cpu")
-    out = Path(out) if out else model_path.with_suffix(fmt.suffix)
+    out = export_target(model_path, out, fmt, force)
+    if quantize:
+        check_target(quantized_path(out), model_path, force, "the int8 copy")
     wrapper = DeployWrapper(model, spec).eval()
     metadata = export_metadata(model_path, spec)
     if progress:
         progress("export", 0, 2)
-    with atomic_path(out) as tmp:
-        fmt.write(wrapper, spec, tmp, metadata)
-    if progress:
-        progress("export", 1, 2)
     faces, ages, store_run, split = parity_faces(model_path, spec, run, parity_limit)
     x01 = to_unit(faces, spec.input_size)
-    got = load_exported(out).run(x01)
-    parity = {"faces": int(len(faces)), "run": store_run, "split": split,
-              **_parity(wrapper, x01, got, ages, spec, tolerance)}
+    with atomic_path(out) as tmp:  # checked before the rename: a failed check leaves --out as it was
+        fmt.write(wrapper, spec, tmp, metadata)
+        if progress:
+            progress("export", 1, 2)
+        got = load_exported(tmp, kind=fmt.name).run(x01)
+        parity = {"faces": int(len(faces)), "run": store_run, "split": split,
+                  **_parity(wrapper, x01, got, ages, spec, tolerance)}
+        if not parity["passed"]:
+            raise AgecliError(
+                f"the {fmt.name} export of {model_path} differs from PyTorch by up to {parity['max_abs_age']:.2e} "
+                f"years on {len(faces)} real faces (tolerance {tolerance}); nothing was written to {out}. This "
+                "usually means an operator the exporter does not translate faithfully; try --format torchscript.")
     if progress:
         progress("export", 2, 2)
     result: dict[str, Any] = {
@@ -284,12 +318,6 @@ def export(model_path: str | Path, format: str = "onnx", out: str | Path | None 
         "checkpoint_bytes": model_path.stat().st_size, "input_size": spec.input_size,
         "outputs": output_names(spec), "parity": parity,
     }
-    if not parity["passed"]:
-        out.unlink(missing_ok=True)
-        raise AgecliError(
-            f"the {fmt.name} export of {model_path} differs from PyTorch by up to {parity['max_abs_age']:.4f} "
-            f"years on {len(faces)} real faces (tolerance {tolerance}); the file was removed. This usually "
-            "means an operator the exporter does not translate faithfully; try --format torchscript.")
     if quantize:
         result["quantized"] = _quantize(out, x01, ages, got, metadata)
     target = result.get("quantized", {}).get("path", str(out))
@@ -297,17 +325,95 @@ def export(model_path: str | Path, format: str = "onnx", out: str | Path | None 
     return result
 
 
+def export_target(model_path: Path, out: str | Path | None, fmt: ExportFormat, force: bool) -> Path:
+    """Where the export goes: --out, else beside the checkpoint (in the current folder for the
+    model shipped inside agecli); refused when it would replace the checkpoint or, without
+    `force`, an existing file."""
+    if out is None:
+        shipped = model_path.resolve().parent == WEIGHTS_DIR.resolve()
+        out = Path(model_path.stem + fmt.suffix) if shipped else model_path.with_suffix(fmt.suffix)
+    out = Path(out)
+    check_target(out, model_path, force, "--out")
+    return out
+
+
+def check_target(path: Path, model_path: Path, force: bool, what: str) -> None:
+    if path.exists() and path.resolve() == model_path.resolve():
+        raise AgecliError(f"{what} {path} is the checkpoint being exported; an export never replaces its model. "
+                          "Give another --out.")
+    if path.is_dir():
+        raise AgecliError(f"{what} {path} is a folder; give a file name, e.g. --out {path / ('model' + path.suffix)}.")
+    if path.exists() and not force:
+        raise AgecliError(f"{what} {path} exists; agecli does not write over it unless asked: add --force to "
+                          "replace it, or give another --out.")
+
+
+def quantized_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".int8.onnx")
+
+
 def export_metadata(model_path: Path, spec: ModelSpec) -> dict[str, str]:
-    """What an exported file says about itself: the full spec, its source, its inputs and outputs."""
+    """What an exported file says about itself: the full spec, its source, its inputs and outputs,
+    and (`agecli_inference`) how to feed and read it, in numbers."""
     return {
         "agecli_spec": json.dumps(spec.to_dict(), default=str),
         "agecli_format": EXPORT_FORMAT,
+        "agecli_inference": json.dumps(inference_metadata(spec)),
         "source_checkpoint": str(model_path),
         "source_sha256": fingerprint_file(model_path),
         "inputs": f"images: float32 (N, 3, {spec.input_size}, {spec.input_size}) RGB in [0, 1], "
-                  f"faces aligned as {json.dumps(spec.alignment)}",
+                  "faces cut out as agecli_inference.crop says",
         "outputs": ", ".join(output_names(spec)),
     }
+
+
+def inference_metadata(spec: ModelSpec) -> dict[str, Any]:
+    """How to use the exported graph without agecli: the input, the face crop and each output."""
+    from agecli.stages.facecrop import crop_recipe
+
+    size = int(spec.input_size)
+    return {
+        "input": {"name": "images", "shape": ["N", 3, size, size], "dtype": "float32", "layout": "NCHW",
+                  "input_size": size, "channel_order": "RGB", "value_range": [0.0, 1.0], "pixel_scale": 1 / 255,
+                  "mean": [float(v) for v in spec.mean], "std": [float(v) for v in spec.std],
+                  "normalisation": "inside the graph: feed pixel / 255; the graph computes (x - mean) / std"},
+        "crop": crop_recipe(spec),
+        "outputs": output_decoding(spec),
+    }
+
+
+def output_decoding(spec: ModelSpec) -> dict[str, Any]:
+    """Each output of the graph and how `age_raw` decodes (so a user can get the distribution too)."""
+    from agecli.labels import group_midpoint
+
+    encoding = spec.build_encoding()
+    k = int(encoding.num_outputs)
+    raw: dict[str, Any] = {"shape": ["N", k], "encoding": encoding.name}
+    if encoding.name == "regression":
+        zero, one = (float(v) for v in encoding.predict(torch.tensor([[0.0], [1.0]])))
+        raw.update(kind="standardised age", decode="linear", scale=one - zero, offset=zero,
+                   formula="age = age_raw[:, 0] * scale + offset")
+    elif encoding.name == "ordinal":
+        raw.update(kind="ordinal logits", decode="ordinal_sum", support=list(range(k + 1)),
+                   formula="P(age > j) = sigmoid(age_raw[:, j]); age = sum_j P(age > j); "
+                           "p(age = a) = P(age > a - 1) - P(age > a) over support")
+    elif encoding.support == "groups":
+        raw.update(kind="logits", decode="argmax_group", support=[group_midpoint(g) for g in range(k)],
+                   formula="age = support[argmax(age_raw)] (group midpoints)")
+    else:
+        argmax = getattr(encoding, "decode", "expected") == "argmax"
+        raw.update(kind="logits", decode="softmax_argmax" if argmax else "softmax_expected",
+                   support=list(range(k)),
+                   formula="p = softmax(age_raw, axis=1); age = sum(p * support) (the expected value"
+                           + (", reported as argmax(p))" if argmax else ")")
+                           + "; age_std = sqrt(sum(p * (support - age)^2))")
+    outputs: dict[str, Any] = {"age": {"shape": ["N"], "unit": "years", "meaning": "the decoded age of age_raw"}}
+    if spec.gender:
+        outputs["female_prob"] = {"shape": ["N"], "meaning": "P(female): softmax of the gender head's two logits "
+                                  "(index 0 male, index 1 female), taken at index 1", "female_index": 1,
+                                  "gender": "female when female_prob >= 0.5, else male"}
+    outputs["age_raw"] = raw
+    return outputs
 
 
 def _parity(wrapper: nn.Module, x01: np.ndarray, got: dict[str, np.ndarray], ages: np.ndarray, spec: ModelSpec,
@@ -342,7 +448,7 @@ def _quantize(path: Path, x01: np.ndarray, ages: np.ndarray, fp32: dict[str, np.
     except ImportError as exc:
         raise AgecliError(f"int8 quantisation needs onnxruntime.quantization and the `onnx` package "
                           f"({exc}); install it with `pip install onnx`.") from None
-    qpath = path.with_name(path.stem + ".int8.onnx")
+    qpath = quantized_path(path)
     import logging
 
     logging.getLogger().setLevel(logging.ERROR)

@@ -1,173 +1,101 @@
-"""Age (and gender) of every face in photos, folders and videos.
+"""Age (and gender) of every face in photos, folders, videos, URLs and webcams.
 
-    predict(["group.jpg", "clips/"], "best.pt")  -> {"rows": [...], "no_face": [...], ...}
+    predict(["group.jpg", "clips/"])                 -> {"rows": [...], "failed": [...], ...}  (default model)
+    predict(["0"], "best.pt", max_frames=100)        webcam 0; "rtsp://..." / "http://..." streams too
 
-Faces are detected with MTCNN (`agecli.data.faces.Detector`) and cut out exactly as the model's
-checkpoint says (`spec.alignment`: template, margin and size). A model trained on crops
-that came already aligned (alignment method "resize", e.g. UTKFace chips) is fed crops
-warped onto that dataset's landmark template (`utkface_chip`), so a detected face is framed
-like the training crops. Models are agecli checkpoints (.pt) or files written by
-`agecli export` (.onnx / .torchscript, whose metadata carries the same spec).
+Faces are found and measured by `agecli.stages.estimator.AgeEstimator` (one model, one
+detector for the whole batch). Folders are searched recursively; a bare number is a webcam
+index and a URL is opened by OpenCV (images or streams).
 
-One row per face: file, frame (videos; None for photos), time_s, face, track, box
-(x1, y1, x2, y2 in pixels), confidence (detection probability), age (smoothed over the
-track's last `smooth` frames in videos), age_raw, gender and female_prob (when the model has
-a gender head). A photo without a face is listed in `no_face`, not an error; a file that
-cannot be read, or a video that cannot be opened, raises AgecliError naming it.
-Video tracking is greedy IoU matching of boxes between consecutive frames.
+One row per face, the same fields in JSON and CSV (FIELDS): file, frame and time_s (videos
+and streams; empty for photos), face (index in its image), track (videos: the face's track),
+x1, y1, x2, y2 (the box in pixels), detector_score (MTCNN's probability that it is a face),
+age (years; in videos smoothed over the track's last `smooth` frames), age_std (the spread of
+the predicted age distribution: the model's uncertainty), age_frame (this frame's own age,
+unsmoothed), gender and female_prob (with a gender head).
+
+A photo without a face is listed in `no_face`. A file that cannot be read, or a video that
+cannot be opened, is listed in `failed` with the reason, and the others go on. Video
+tracking is greedy IoU matching of boxes between consecutive frames. Annotated copies go to
+a folder that holds none of the inputs; annotated videos are WebM (VP8) where this OpenCV
+has no H.264 encoder, both playable in browsers.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from agecli.device import require_device
 from agecli.errors import AgecliError
-from agecli.store import Alignment
+from agecli.modeling.zoo import DEFAULT_MODEL
+from agecli.stages.estimator import AgeEstimator
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
-FIELDS = ["file", "frame", "time_s", "face", "track", "box", "confidence", "age", "age_raw", "gender",
-          "female_prob"]
-
-
-# --------------------------------------------------------------------------- the model
-@dataclass
-class Predictor:
-    """A model ready for aligned uint8 crops: `__call__(crops) -> (ages, female_prob or None)`."""
-
-    source: str
-    spec: Any
-    alignment: Alignment
-    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
-    notes: list[str] = field(default_factory=list)
-
-    def __call__(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if len(crops) == 0:
-            return np.zeros(0, np.float32), (np.zeros(0, np.float32) if self.spec.gender else None)
-        return self.run(crops)
-
-
-def crop_alignment(spec) -> tuple[Alignment, list[str]]:
-    """How to cut faces out of photos for this model (see the module docstring)."""
-    from agecli.data.faces import TEMPLATES
-
-    data = dict(spec.alignment or {})
-    notes: list[str] = []
-    alignment = Alignment.from_dict(data)
-    if "size" not in data:
-        alignment.size = int(spec.input_size)
-    if not data:
-        notes.append("the checkpoint records no face alignment; using the utkface_chip template (margin 0).")
-        return Alignment("similarity", alignment.size, 0.0, "utkface_chip"), notes
-    if alignment.method == "resize":
-        template = alignment.template if alignment.template in TEMPLATES else "utkface_chip"
-        if template != alignment.template:
-            notes.append(f"the model was trained on ready-made crops (template {alignment.template!r}); detected "
-                         "faces are aligned to the utkface_chip template, which frames faces like UTKFace chips.")
-        margin = alignment.margin if alignment.template in TEMPLATES else 0.0
-        return Alignment("similarity", alignment.size, margin, template), notes
-    return alignment, notes
-
-
-def load_predictor(model: str | os.PathLike, *, device: str = "cpu", batch_size: int = 64) -> Predictor:
-    """A `Predictor` for an agecli checkpoint (.pt) or a file written by `agecli export`."""
-    from agecli.modeling.checkpoint import sniff
-
-    path = Path(model)
-    if not path.exists():
-        raise AgecliError(f"model file {path} does not exist.")
-    device = require_device(device)
-    exported_file = path.suffix in (".onnx", ".torchscript", ".ts") or sniff(path) == "an ONNX model"
-    # load_checkpoint says what the file is when it is not a checkpoint
-    spec, run = (_exported_runner if exported_file else _checkpoint_runner)(path, device, batch_size)
-    alignment, notes = crop_alignment(spec)
-    return Predictor(str(path), spec, alignment, run, notes)
-
-
-def _checkpoint_runner(path: Path, device: str, batch_size: int):
-    """(spec, run(crops) -> (ages, female_prob or None)) for an agecli checkpoint."""
-    from agecli.data.batches import to_input
-    from agecli.modeling.checkpoint import load_checkpoint
-    from agecli.modeling.decode import decode
-
-    net, spec = load_checkpoint(path, device)
-    encoding = spec.build_encoding()
-
-    @torch.inference_mode()
-    def run(crops: np.ndarray):
-        ages, probs = [], []
-        for start in range(0, len(crops), batch_size):
-            x = to_input(torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size])),
-                         spec.input_size, spec.mean, spec.std, device=device)
-            age, female = decode(net(x), encoding)
-            ages.append(age.cpu().numpy())
-            if female is not None:
-                probs.append(female.cpu().numpy())
-        return np.concatenate(ages), (np.concatenate(probs) if probs else None)
-
-    return spec, run
-
-
-def _exported_runner(path: Path, device: str, batch_size: int):
-    """(spec, run(crops) -> (ages, female_prob or None)) for an ONNX or TorchScript export."""
-    from agecli.stages.export import load_exported, to_unit
-
-    exported = load_exported(path, device=device)
-    spec = exported.spec
-
-    def run(crops: np.ndarray):
-        ages, probs = [], []
-        for start in range(0, len(crops), batch_size):
-            out = exported.run(to_unit(crops[start:start + batch_size], spec.input_size))
-            ages.append(out["age"].reshape(-1))
-            if "female_prob" in out:
-                probs.append(out["female_prob"].reshape(-1))
-        return np.concatenate(ages), (np.concatenate(probs) if probs else None)
-
-    return spec, run
+FIELDS = ["file", "frame", "time_s", "face", "track", "x1", "y1", "x2", "y2", "detector_score", "age", "age_std",
+          "age_frame", "gender", "female_prob"]
+URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# browser-playable first; mp4v (MPEG-4 part 2) plays in desktop players only
+VIDEO_CODECS = (("avc1", ".mp4", "H.264"), ("VP80", ".webm", "VP8"), ("mp4v", ".mp4", "MPEG-4 part 2"))
 
 
 # --------------------------------------------------------------------------- inputs
-def collect_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[str]]:
-    """Expand folders (recursively, sorted) into (path, "image"|"video"); returns (inputs, skipped files)."""
-    found: list[tuple[Path, str]] = []
+def collect_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, str]], list[str]]:
+    """Expand the inputs into (source, kind): kind "image" | "video" (a Path) or "stream" (a URL,
+    or a webcam index as int). Folders are searched recursively, sorted. Returns (inputs,
+    skipped files that are neither images nor videos)."""
+    found: list[tuple[Any, str]] = []
     skipped: list[str] = []
     if not paths:
-        raise AgecliError("no input given: pass photos, videos or folders.")
+        raise AgecliError("no input given: pass photos, videos, folders, URLs or a webcam index.")
     for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
+        text = os.fspath(raw)
+        path = Path(text)
+        if URL.match(text):
+            found.append((text, "stream"))
+        elif path.is_dir():
             for child in sorted(p for p in path.rglob("*") if p.is_file()):
-                ext = child.suffix.lower()
-                if ext in IMAGE_EXTENSIONS:
-                    found.append((child, "image"))
-                elif ext in VIDEO_EXTENSIONS:
-                    found.append((child, "video"))
+                kind = _kind(child)
+                if kind:
+                    found.append((child, kind))
                 elif not child.name.startswith("."):
                     skipped.append(str(child))
         elif path.is_file():
             found.append((path, "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image"))
+        elif text.isdigit():
+            found.append((int(text), "stream"))
         else:
-            raise AgecliError(f"input {path} does not exist.")
+            raise AgecliError(f"input {text} does not exist (a photo, video or folder; a URL; or a webcam index "
+                              "such as 0).")
     return found, skipped
 
 
-def _read(path: Path) -> np.ndarray:
-    from agecli.data.faces import ImageError, read_image
+def _kind(path: Path) -> str | None:
+    ext = path.suffix.lower()
+    return "image" if ext in IMAGE_EXTENSIONS else "video" if ext in VIDEO_EXTENSIONS else None
 
-    try:
-        return read_image(path)
-    except ImageError as exc:
-        raise AgecliError(f"cannot read {path} as an image ({exc}); remove it from the inputs or convert it. "
-                          f"Videos need one of the extensions {', '.join(sorted(VIDEO_EXTENSIONS))}.") from None
+
+def check_outputs(inputs: list[tuple[Any, str]], annotate: Path | None, out: Path | None) -> None:
+    """Refuse outputs that could replace an input: an annotate folder holding input files, or
+    --out naming an input."""
+    files = [src for src, kind in inputs if isinstance(src, Path)]
+    if annotate is not None:
+        folder = annotate.resolve()
+        inside = [f for f in files if f.resolve().parent == folder]
+        if inside:
+            raise AgecliError(f"--annotate {annotate} holds input files (e.g. {inside[0]}): annotated copies would be "
+                              "written beside the originals and could replace them. Choose a folder of its own, "
+                              "e.g. --annotate annotated/.")
+    if out is not None:
+        if out.suffix.lower() not in (".json", ".csv"):
+            raise AgecliError(f"--out {out}: use a .json or .csv file name.")
+        if out.exists() and any(out.resolve() == f.resolve() for f in files):
+            raise AgecliError(f"--out {out} is one of the inputs; choose another file name.")
 
 
 # --------------------------------------------------------------------------- tracking
@@ -210,14 +138,14 @@ class IouTracker:
 
 
 # --------------------------------------------------------------------------- drawing
-def draw(image_rgb: np.ndarray, rows: list[dict[str, Any]]) -> np.ndarray:
-    """BGR copy of the image with boxes and 'age gender' labels."""
+def draw(image_rgb: np.ndarray, faces: list[dict[str, Any]]) -> np.ndarray:
+    """BGR copy of the image with boxes and 'age gender' labels (rows or AgeEstimator records)."""
     import cv2
 
     canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     scale = max(0.5, min(canvas.shape[:2]) / 800)
-    for r in rows:
-        x1, y1, x2, y2 = (int(round(v)) for v in r["box"])
+    for r in faces:
+        x1, y1, x2, y2 = (int(round(v)) for v in (r["box"] if "box" in r else (r["x1"], r["y1"], r["x2"], r["y2"])))
         color = (60, 60, 230) if r.get("gender") == "female" else (230, 140, 40) if r.get("gender") == "male" \
             else (60, 200, 60)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, max(1, int(2 * scale)))
@@ -230,181 +158,271 @@ def draw(image_rgb: np.ndarray, rows: list[dict[str, Any]]) -> np.ndarray:
     return canvas
 
 
-# --------------------------------------------------------------------------- predicting
-def _faces_rows(predictor: Predictor, image: np.ndarray, dets, file: str, frame: int | None,
-                time_s: float | None) -> list[dict[str, Any]]:
-    from agecli.data.faces import align
-
-    if not dets:
-        return []
-    crops = np.stack([align(image, d.landmarks, predictor.alignment) for d in dets])
-    ages, female = predictor(crops)
+# --------------------------------------------------------------------------- rows
+def face_rows(faces: list[dict[str, Any]], file: str, frame: int | None = None,
+              time_s: float | None = None) -> list[dict[str, Any]]:
+    """AgeEstimator records -> rows (FIELDS) of one image or frame."""
     rows = []
-    for k, (d, age) in enumerate(zip(dets, ages)):
-        row = {"file": file, "frame": frame, "time_s": time_s, "face": k, "track": None,
-               "box": [round(float(v), 1) for v in d.box], "confidence": round(float(d.score), 4),
-               "age": float(age), "age_raw": float(age), "gender": None, "female_prob": None}
-        if female is not None:
-            row["female_prob"] = float(female[k])
-            row["gender"] = "female" if female[k] >= 0.5 else "male"
-        rows.append(row)
+    for k, f in enumerate(faces):
+        x1, y1, x2, y2 = f["box"]
+        rows.append({"file": file, "frame": frame, "time_s": time_s, "face": k, "track": None,
+                     "x1": x1, "y1": y1, "x2": x2, "y2": y2, "detector_score": f["detector_score"],
+                     "age": f["age"], "age_std": f["age_std"], "age_frame": f["age"], "gender": f["gender"],
+                     "female_prob": f["female_prob"]})
     return rows
 
 
-def _annotated_path(folder: Path, source: Path, suffix: str, taken: set[str]) -> Path:
-    name = source.stem + suffix
+def _annotated_path(folder: Path, stem: str, suffix: str, taken: set[str]) -> Path:
+    name = stem + suffix
     i = 2
     while name in taken:
-        name = f"{source.stem}_{i}{suffix}"
+        name = f"{stem}_{i}{suffix}"
         i += 1
     taken.add(name)
     return folder / name
 
 
-def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike, *, device: str = "cpu",
+def _source_name(source: Any) -> str:
+    return f"webcam{source}" if isinstance(source, int) else str(source)
+
+
+# --------------------------------------------------------------------------- predicting
+def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "cpu",
             annotate: str | os.PathLike | None = None, smooth: int = 1, every: int = 1,
             min_face_fraction: float = 0.03, max_side: int = 960, min_score: float = 0.9,
-            out: str | os.PathLike | None = None, progress=None) -> dict[str, Any]:
-    """Predict every face in `paths`; optionally write annotated copies into `annotate` and the rows
-    to `out` (.json or .csv). Returns {"rows", "no_face", "files", "videos", "annotated", "notes", ...}."""
-    from agecli.data.faces import Detector
-
-    if smooth < 1 or every < 1:
-        raise AgecliError(f"--smooth and --every must be >= 1 (got {smooth}, {every}).")
-    if out is not None and Path(out).suffix.lower() not in (".json", ".csv"):
-        raise AgecliError(f"--out {out}: use a .json or .csv file name.")
+            out: str | os.PathLike | None = None, max_frames: int = 0, progress=None) -> dict[str, Any]:
+    """Predict every face in `paths`; optionally write annotated copies into `annotate` and the
+    result to `out` (.json: the returned object; .csv: its rows). Returns {"rows", "failed",
+    "no_face", "files", "videos", "annotated", "notes", ...}."""
+    if smooth < 1 or every < 1 or max_frames < 0:
+        raise AgecliError(f"--smooth and --every must be >= 1 and --max-frames >= 0 (got {smooth}, {every}, "
+                          f"{max_frames}).")
     inputs, skipped = collect_inputs(paths)
-    predictor = load_predictor(model, device=device)
-    detector = Detector(device=device, max_side=max_side, min_face_fraction=min_face_fraction, min_score=min_score)
     folder = Path(annotate) if annotate else None
+    check_outputs(inputs, folder, Path(out) if out is not None else None)
+    estimator = AgeEstimator(model, device=device, min_score=min_score, min_face_fraction=min_face_fraction,
+                             max_side=max_side)
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
-    taken: set[str] = set()
-    rows: list[dict[str, Any]] = []
-    no_face, annotated, videos = [], [], []
-    for done, (path, kind) in enumerate(inputs):
+    batch = _Batch(estimator, folder, smooth, every, max_frames)
+    for done, (source, kind) in enumerate(inputs):
         if progress:
             progress("files", done, len(inputs))
-        if kind == "image":
-            found, target = _predict_image(path, predictor, detector, folder, taken)
-            rows.extend(found)
-            faces = len(found)
-        else:
-            video = _VideoRun(path, predictor, detector, folder, taken, smooth, every, rows)
-            info = video.run(progress)
-            videos.append(info)
-            target, faces = info["annotated"], info["faces"]
-        if target:
-            annotated.append(str(target))
-        if faces == 0:
-            no_face.append(str(path))
+        batch.add(source, kind, progress)
     if progress:
         progress("files", len(inputs), len(inputs))
-    result = {"model": str(model), "alignment": predictor.alignment.to_dict(), "files": len(inputs),
-              "faces": len(rows), "rows": rows, "no_face": no_face, "skipped": skipped, "videos": videos,
-              "annotated": annotated, "notes": predictor.notes}
+    result = {"model": str(model), "alignment": estimator.predictor.alignment.to_dict(), "files": len(inputs),
+              "faces": len(batch.rows), "fields": FIELDS, "rows": batch.rows, "failed": batch.failed,
+              "no_face": batch.no_face, "skipped": skipped, "videos": batch.videos, "annotated": batch.annotated,
+              "notes": estimator.notes + batch.notes}
     if out is not None:
-        write_rows(out, rows)
+        write_result(out, result)
         result["out"] = str(out)
     return result
 
 
-def _predict_image(path: Path, predictor: Predictor, detector, folder: Path | None,
-                   taken: set[str]) -> tuple[list[dict[str, Any]], Path | None]:
-    """The rows of one photo's faces, and its annotated copy in `folder` (when given)."""
-    import cv2
+class _Batch:
+    """The rows, failures and annotated copies of one predict call, input by input."""
 
-    from agecli.rundir import atomic_path
+    def __init__(self, estimator: AgeEstimator, folder: Path | None, smooth: int, every: int, max_frames: int):
+        self.estimator, self.folder = estimator, folder
+        self.smooth, self.every, self.max_frames = smooth, every, max_frames
+        self.rows: list[dict[str, Any]] = []
+        self.failed: list[dict[str, str]] = []
+        self.no_face: list[str] = []
+        self.annotated: list[str] = []
+        self.videos: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.taken: set[str] = set()
 
-    image = _read(path)
-    found = _faces_rows(predictor, image, detector.detect([image])[0], str(path), None, None)
-    if not folder:
-        return found, None
-    target = _annotated_path(folder, path, ".jpg", taken)
-    with atomic_path(target) as tmp:
-        ok, buf = cv2.imencode(".jpg", draw(image, found))
-        tmp.write_bytes(buf.tobytes())
-    return found, target
+    def add(self, source: Any, kind: str, progress=None) -> None:
+        """Predict one input; a file that cannot be read goes to `failed` and the batch goes on."""
+        try:
+            if kind == "image":
+                faces, target = self._image(source)
+            else:
+                video = _VideoRun(source, self, live=kind == "stream")
+                info = video.run(progress)
+                self.videos.append(info)
+                faces, target = info["faces"], info["annotated"]
+                if info.get("note") and info["note"] not in self.notes:
+                    self.notes.append(info["note"])
+        except AgecliError as exc:
+            self.failed.append({"file": _source_name(source), "error": str(exc)})
+            return
+        if target:
+            self.annotated.append(str(target))
+        if faces == 0:
+            self.no_face.append(_source_name(source))
+
+    def _image(self, path: Path) -> tuple[int, Path | None]:
+        """One photo's rows, and its annotated copy (when asked)."""
+        import cv2
+
+        from agecli.rundir import atomic_path
+        from agecli.stages.estimator import as_rgb
+
+        image = as_rgb(path)
+        faces = self.estimator.predict(image)
+        self.rows.extend(face_rows(faces, str(path)))
+        if not self.folder:
+            return len(faces), None
+        target = _annotated_path(self.folder, path.stem, ".jpg", self.taken)
+        with atomic_path(target) as tmp:
+            ok, buf = cv2.imencode(".jpg", draw(image, faces))
+            tmp.write_bytes(buf.tobytes())
+        return len(faces), target
 
 
 class _VideoRun:
-    """One video: its sampled frames detected `chunk` at a time, faces tracked across frames
-    (ages smoothed along a track), rows appended to `rows`, and an annotated copy in `folder`."""
+    """One video or stream: its sampled frames detected `chunk` at a time, faces tracked across
+    frames (ages smoothed along a track), rows appended to the batch, an annotated copy written.
+    A live stream (webcam, URL) stops at --max-frames or Ctrl-C, keeping what it has."""
 
-    def __init__(self, path: Path, predictor: Predictor, detector, folder: Path | None, taken: set[str],
-                 smooth: int, every: int, rows: list[dict[str, Any]], chunk: int = 8):
-        self.path, self.predictor, self.detector, self.rows = path, predictor, detector, rows
-        self.folder, self.taken, self.every, self.chunk = folder, taken, every, chunk
-        self.tracker = IouTracker(smooth=smooth)
+    def __init__(self, source: Any, batch: _Batch, *, live: bool = False, chunk: int = 8):
+        self.source, self.batch, self.live, self.chunk = source, batch, live, chunk
+        self.name = _source_name(source)
+        self.tracker = IouTracker(smooth=batch.smooth)
         self.fps = 25.0
-        self.writer = self.target = None
+        self.writer = self.target = self.partial = self.codec = None
         self.faces = 0
 
     def run(self, progress=None) -> dict[str, Any]:
         import cv2
 
-        capture = cv2.VideoCapture(str(self.path))
+        capture = cv2.VideoCapture(self.source if isinstance(self.source, int) else str(self.source))
         if not capture.isOpened():
-            raise AgecliError(f"cannot open video {self.path} (OpenCV could not decode it); check the file, or "
-                              "convert it to H.264 MP4 (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`).")
+            raise AgecliError(f"cannot open {'stream' if self.live else 'video'} {self.name} (OpenCV could not open "
+                              "or decode it); check the file, URL or camera, or convert the video to H.264 MP4 "
+                              "(e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`).")
         self.fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        frames_read = 0
-        pending: list[tuple[int, np.ndarray]] = []
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) or None
+        interrupted = False
         try:
-            while True:
-                ok, bgr = capture.read()
-                if not ok:
-                    break
-                index, frames_read = frames_read, frames_read + 1
-                if index % self.every == 0:
-                    pending.append((index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
-                    if len(pending) >= self.chunk:
-                        self._add(pending)
-                        pending = []
-                        if progress:
-                            progress(f"video {self.path.name}", index + 1, total or None)
-            if pending:
-                self._add(pending)
+            frames_read = self._read_all(capture, total, progress)
+        except KeyboardInterrupt:
+            if not self.live:
+                raise
+            frames_read, interrupted = self.frames_read, True
         finally:
             capture.release()
-            if self.writer is not None:
-                self.writer.release()
+            self._close()
         if frames_read == 0:
-            raise AgecliError(f"video {self.path} opened but no frame could be decoded; the file may be damaged.")
-        return {"file": str(self.path), "frames": frames_read, "fps": self.fps, "faces": self.faces,
-                "tracks": self.tracker.next_id, "annotated": str(self.target) if self.target else None}
+            raise AgecliError(f"{self.name} opened but no frame could be decoded; the file may be damaged.")
+        return {"file": self.name, "frames": frames_read, "fps": self.fps, "faces": self.faces,
+                "tracks": self.tracker.next_id, "annotated": str(self.target) if self.target else None,
+                "codec": self.codec, "interrupted": interrupted,
+                "note": None if self.codec in (None, "H.264", "VP8") else
+                f"annotated videos are {self.codec} (this OpenCV has no H.264 or VP8 encoder); browsers may "
+                "not play them: convert with `ffmpeg -i IN -c:v libx264 OUT.mp4`."}
+
+    def _read_all(self, capture, total: int | None, progress) -> int:
+        import cv2
+
+        self.frames_read = 0
+        limit = self.batch.max_frames or None
+        pending: list[tuple[int, np.ndarray]] = []
+        while limit is None or self.frames_read < limit:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            index, self.frames_read = self.frames_read, self.frames_read + 1
+            if index % self.batch.every == 0:
+                pending.append((index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+                if len(pending) >= self.chunk:
+                    self._add(pending)
+                    pending = []
+                    if progress:
+                        progress(f"video {Path(self.name).name}", index + 1, total)
+        if pending:
+            self._add(pending)
+        return self.frames_read
 
     def _add(self, frames: list[tuple[int, np.ndarray]]) -> None:
         """Detect, predict and track the faces of some frames (index, RGB); draw them into the copy."""
-        for (i, frame), dets in zip(frames, self.detector.detect([f for _, f in frames])):
-            found = _faces_rows(self.predictor, frame, dets, str(self.path), i, round(i / self.fps, 3))
-            ids = self.tracker.update(i, [r["box"] for r in found], [r["age_raw"] for r in found])
-            for r, (t, age) in zip(found, ids):
+        estimator = self.batch.estimator
+        images = [f for _, f in frames]
+        for (i, frame), dets in zip(frames, estimator.detector.detect(images)):
+            faces = estimator.faces(frame, dets)
+            found = face_rows(faces, self.name, i, round(i / self.fps, 3))
+            ids = self.tracker.update(i, [f["box"] for f in faces], [r["age_frame"] for r in found])
+            for r, f, (t, age) in zip(found, faces, ids):
                 r["track"], r["age"] = t, age
-            self.rows.extend(found)
+                f["age"] = age
+            self.batch.rows.extend(found)
             self.faces += len(found)
-            if self.folder:
-                self._write(draw(frame, found))
+            if self.batch.folder:
+                self._write(draw(frame, faces))
 
     def _write(self, canvas: np.ndarray) -> None:
-        import cv2
-
         if self.writer is None:  # opened at the first frame, whose size it takes
-            self.target = _annotated_path(self.folder, self.path, ".mp4", self.taken)
-            self.writer = cv2.VideoWriter(str(self.target), cv2.VideoWriter_fourcc(*"mp4v"), self.fps / self.every,
-                                          (canvas.shape[1], canvas.shape[0]))
+            stem = f"webcam{self.source}" if isinstance(self.source, int) else Path(str(self.source)).stem or "stream"
+            self.writer, suffix, self.codec = open_video_writer(self.batch.folder, stem, self.fps / self.batch.every,
+                                                                canvas.shape[1], canvas.shape[0])
+            self.target = _annotated_path(self.batch.folder, stem, suffix, self.batch.taken)
+            self.partial = self.writer.partial
         self.writer.write(canvas)
 
+    def _close(self) -> None:
+        """Finish the annotated copy: renamed into place whole (FFmpeg creates it under the umask)."""
+        if self.writer is None:
+            return
+        self.writer.release()
+        os.replace(self.partial, self.target)
 
-def write_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
-    """Rows as JSON (a list) or CSV (box as 'x1 y1 x2 y2'), atomically."""
+
+class _Writer:
+    """cv2.VideoWriter writing to a hidden partial file (renamed into place when complete)."""
+
+    def __init__(self, writer, partial: Path):
+        self._writer, self.partial = writer, partial
+
+    def write(self, frame: np.ndarray) -> None:
+        self._writer.write(frame)
+
+    def release(self) -> None:
+        self._writer.release()
+
+
+def open_video_writer(folder: Path, stem: str, fps: float, width: int, height: int) -> tuple[_Writer, str, str]:
+    """A writer in the first codec of VIDEO_CODECS this OpenCV can encode: (writer, suffix, codec name)."""
+    import cv2
+
+    for fourcc, suffix, codec in VIDEO_CODECS:
+        partial = folder / f".{stem}.{os.getpid()}.partial{suffix}"
+        with _quiet_stderr():  # a failed codec probe prints FFmpeg's complaints
+            writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
+        if writer.isOpened():
+            return _Writer(writer, partial), suffix, codec
+        writer.release()
+        partial.unlink(missing_ok=True)
+    raise AgecliError("this OpenCV can write no video codec (tried " + ", ".join(c for _, _, c in VIDEO_CODECS)
+                      + "); annotate photos only, or install opencv-python-headless from PyPI.")
+
+
+class _quiet_stderr:
+    """Send the process's stderr (file descriptor 2, where C libraries write) to /dev/null."""
+
+    def __enter__(self):
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
+
+
+def write_result(path: str | os.PathLike, result: dict[str, Any]) -> Path:
+    """The result as JSON (the whole object, as `--json` prints it) or its rows as CSV
+    (FIELDS, one column per box coordinate), atomically."""
     import pandas as pd
 
     from agecli.rundir import write_csv, write_json
 
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        frame = pd.DataFrame([{**r, "box": " ".join(str(v) for v in r["box"])} for r in rows], columns=FIELDS)
-        return write_csv(path, frame)
-    return write_json(path, rows)
+        return write_csv(path, pd.DataFrame(result["rows"], columns=FIELDS))
+    return write_json(path, {k: v for k, v in result.items() if k != "out"})

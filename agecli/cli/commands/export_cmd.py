@@ -17,21 +17,26 @@ female_prob (with a gender head) and age_raw (the head's outputs). The checkpoin
 ModelSpec is kept in the file's metadata. A parity check on real aligned faces of the
 run (test split) prints the largest age difference and the MAE difference, and fails
 above --tolerance years. --quantize int8 adds a dynamically quantised ONNX copy and
-reports its MAE cost and speed-up.
+reports its MAE cost and speed-up. The metadata key agecli_inference says in numbers how to
+crop, feed and decode the model without agecli (docs/onnx.md). An existing --out is never
+replaced without --force, the checkpoint never, and a failed parity check writes nothing.
 
 \b
 Examples:
+  agecli export --model default                      # the model shipped with agecli -> ./default.onnx
   agecli export --model runs/utkface/distill/mobilenet/best.pt
   agecli export --model best.pt --format torchscript --out student.torchscript
   agecli export --model best.pt --quantize int8 --run runs/utkface""")
     def export_command(
-        model: Path = typer.Option(..., "--model", "-m", help="agecli checkpoint (.pt)"),
+        model: str = typer.Option(..., "--model", "-m", help="agecli checkpoint (.pt), or `default`"),
         format: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file [default: beside the checkpoint]"),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic quantisation (ONNX, CPU)"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output file [default: beside the checkpoint; "
+                                                                   "./default.onnx for `default`]"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic quantisation (ONNX, CPU) [default: none, float32]"),
         run: Optional[Path] = typer.Option(None, "--run", help="run whose faces the parity check uses "
                                                               "[default: the model's own run]"),
-        tolerance: float = typer.Option(0.05, help="largest allowed |age difference| in years vs PyTorch"),
+        tolerance: float = typer.Option(0.05, min=0.0, help="largest allowed |age difference| in years vs PyTorch"),
         as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:
@@ -39,7 +44,8 @@ Examples:
         from agecli.progress import rich_progress
 
         with rich_progress(quiet or as_json) as progress:
-            result = export(model, format, out, quantize=quantize, run=run, tolerance=tolerance, progress=progress)
+            result = export(model, format, out, quantize=quantize, run=run, tolerance=tolerance, force=force,
+                            progress=progress)
         if as_json:
             from agecli.cli.commands import emit_json
 

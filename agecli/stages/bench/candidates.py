@@ -85,13 +85,14 @@ def candidates(run: Path, models: Sequence[str] | None = None, include_reference
     """The models a bench of `run` measures: `models` (checkpoint paths, or the reference by
     name), else every finished model of the run; plus the CC0 reference row when asked."""
     from agecli.modeling.checkpoint import read_checkpoint
+    from agecli.modeling.zoo import resolve_checkpoint
 
     if models:
         cands = []
         for ref in models:
             if ref == REFERENCE:
                 continue
-            path = Path(ref)
+            path = resolve_checkpoint(ref, option="--models")  # a path, or `default`
             read_checkpoint(path)  # says what the file is when it is not a checkpoint
             cands.append(Candidate(checkpoint_name(path), _role_of(path, run), path))
         include_reference = include_reference and (REFERENCE in models or not cands)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from agecli.errors import AgecliError
 from agecli.modeling.checkpoint import sniff
+from agecli.modeling.zoo import DEFAULT_MODEL, resolve_model_ref
 from agecli.stages.teachers.base import Teacher
 from agecli.stages.teachers.builtin import BUILTIN_TEACHERS
 from agecli.stages.teachers.checkpoint import CheckpointTeacher
@@ -19,10 +19,10 @@ def load_teacher(ref: str, *, spec: str | None = None, device: str = "cpu", half
     """A teacher from a built-in name, an agecli checkpoint (.pt) or an ONNX file (+ spec or sidecar JSON)."""
     if ref in BUILTIN_TEACHERS:
         return BUILTIN_TEACHERS[ref](device=device, spec=spec)
-    path = Path(ref)
+    path = resolve_model_ref(ref)  # a path, or `default`: the student shipped with agecli
     if not path.exists():
         raise AgecliError(f"teacher {ref!r} is neither a file nor a built-in teacher "
-                          f"({', '.join(BUILTIN_TEACHERS)}).")
+                          f"({', '.join([DEFAULT_MODEL, *BUILTIN_TEACHERS])}).")
     kind = sniff(path)
     if kind == "torch":
         if spec:
@@ -49,7 +49,8 @@ def build_teacher(refs: Sequence[str], *, specs: Sequence[str] | None = None, we
     teachers = []
     for i, ref in enumerate(refs):
         spec = specs[i] if len(specs) == len(refs) else (specs[0] if specs else None)
-        if spec and (ref.endswith(".pt") or ref in BUILTIN_TEACHERS) and len(specs) == 1 and len(refs) > 1:
+        describes_itself = ref.endswith(".pt") or ref in BUILTIN_TEACHERS or ref == DEFAULT_MODEL
+        if spec and describes_itself and len(specs) == 1 and len(refs) > 1:
             spec = None
         teachers.append(load_teacher(ref, spec=spec, device=device, half=half, hint_layer=hint_layer))
     return teachers[0] if len(teachers) == 1 and not weights else Ensemble(teachers, weights)

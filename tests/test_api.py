@@ -1,0 +1,107 @@
+"""The Python API: `from agecli import AgeEstimator`, its docstring example, and images given
+as paths, numpy arrays (RGB or BGR) and PIL images."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agecli.errors import AgecliError
+from agecli.stages.facecrop import SAMPLE_PHOTOS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _need_detector():
+    pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
+
+
+def test_import_agecli_stays_light_until_the_estimator_is_asked_for():
+    code = ("import sys, agecli; assert 'torch' not in sys.modules; from agecli import AgeEstimator; "
+            "assert 'torch' in sys.modules; print(AgeEstimator.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "agecli.stages.estimator"
+    with pytest.raises(AttributeError, match="no attribute 'Estimator'"):
+        import agecli
+
+        agecli.Estimator  # noqa: B018
+
+
+def test_the_docstring_example_runs(monkeypatch):
+    _need_detector()
+    from agecli import AgeEstimator
+
+    doc = textwrap.dedent(AgeEstimator.__doc__.split("\n", 1)[1])
+    example = textwrap.dedent(doc.split("\n\n`model`")[0]).strip()
+    assert example.startswith("from agecli import AgeEstimator") and len(example.splitlines()) == 5
+    monkeypatch.chdir(REPO)  # the example names a bundled photo by its path in the repository
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(example, "AgeEstimator.__doc__", "exec"), {})
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 3  # group1.jpg has three faces
+    assert all(re.fullmatch(r"\d+ years \(\+/- \d+\), (female|male), box \[.*\]", line) for line in lines), lines
+
+
+def test_paths_arrays_and_pil_images_give_the_same_faces():
+    _need_detector()
+    import cv2
+    from PIL import Image
+
+    from agecli import AgeEstimator
+    from agecli.stages.estimator import FACE_FIELDS
+
+    estimator = AgeEstimator()
+    path = SAMPLE_PHOTOS / "astronaut.jpg"
+    by_path = estimator.predict(path)
+    detector = estimator.detector
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    assert len(by_path) == 1 and list(by_path[0]) == FACE_FIELDS
+    face = by_path[0]
+    assert 15 < face["age"] < 70 and face["age_std"] > 0 and face["gender"] == "female"
+    assert len(face["landmarks"]) == 5 and face["detector_score"] > 0.9
+    for other in (estimator.predict(str(path)), estimator.predict(rgb), estimator.predict(Image.open(path)),
+                  estimator.predict(cv2.imread(str(path)), bgr=True), estimator.predict(rgb / 255.0)):
+        assert len(other) == 1 and other[0]["age"] == pytest.approx(face["age"], abs=0.05)
+        assert other[0]["box"] == pytest.approx(face["box"], abs=1.0)
+    assert estimator.detector is detector  # one detector for every call
+    both = estimator.predict_many([path, SAMPLE_PHOTOS / "group1.jpg"])
+    assert [len(f) for f in both] == [1, 3] and both[0][0]["age"] == pytest.approx(face["age"], abs=0.05)
+    assert estimator.predict(np.zeros((64, 64, 3), np.uint8)) == []
+
+
+def test_bad_images_are_explained():
+    from agecli.stages.estimator import as_rgb
+
+    with pytest.raises(AgecliError, match="uint8, or floats in"):
+        as_rgb(np.full((20, 20, 3), 300, np.int32))
+    with pytest.raises(AgecliError, match=r"\(H, W\), \(H, W, 3\)"):
+        as_rgb(np.zeros((20, 20, 5), np.uint8))
+    with pytest.raises(AgecliError, match="cannot read"):
+        as_rgb(Path(__file__))
+    grey = as_rgb(np.full((10, 12), 7, np.uint8))
+    assert grey.shape == (10, 12, 3) and (grey == 7).all()
+    assert as_rgb(np.zeros((9, 9, 4), np.uint8)).shape == (9, 9, 3)
+
+
+def test_age_spread_is_the_standard_deviation_of_the_distribution():
+    import torch
+
+    from agecli.modeling.encodings import build_encoding
+    from agecli.stages.estimator import age_spread
+
+    ldae = build_encoding("ldae")
+    logits = torch.full((2, 101), -1e4)
+    logits[0, 30] = 0.0                        # all mass on 30: no spread
+    logits[1, 20], logits[1, 40] = 0.0, 0.0    # half on 20, half on 40: spread 10
+    assert age_spread(logits, ldae).tolist() == pytest.approx([0.0, 10.0], abs=1e-3)
+    assert age_spread(torch.zeros(2, 1), build_encoding("regression")) is None

@@ -1,0 +1,95 @@
+"""The model shipped inside agecli: its card, the names `default` and `dlib-age` wherever a
+model is accepted, and a wheel that carries it with the recipes and the sample."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from agecli.errors import AgecliError
+from agecli.modeling.zoo import MODEL_CARD, WEIGHTS_DIR, default_model_path, resolve_checkpoint, resolve_model_ref
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_default_model_is_a_checkpoint_with_its_card():
+    from agecli.modeling.checkpoint import load_checkpoint
+
+    path = default_model_path()
+    assert path == WEIGHTS_DIR / "default.pt" and path.stat().st_size < 20 * 2 ** 20  # a few MB
+    model, spec = load_checkpoint(path)
+    assert spec.gender and spec.build_encoding().support == "ages"
+    card = MODEL_CARD.read_text()
+    assert "non-commercial research" in card and "UTKFace" in card
+    for section in ("## Figures", "## Input and alignment", "## Intended use", "## Limits"):
+        assert section in card
+    # the card's figures are those the checkpoint records about itself
+    test = spec.metrics["test"]
+    assert f"**{test['mae']:.2f} years**" in card and f"{test['gender_accuracy']:.3f}" in card
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in card and spec.arch in card
+    assert re.search(rf"\b{spec.input_size} x {spec.input_size} RGB", card)
+
+
+def test_names_resolve_in_one_place(tmp_path):
+    assert resolve_model_ref("default") == default_model_path()
+    assert resolve_model_ref("dlib-age") == "dlib-age"
+    assert resolve_model_ref(tmp_path / "m.pt") == tmp_path / "m.pt"
+    assert resolve_checkpoint("default") == default_model_path()
+    with pytest.raises(AgecliError, match="--models dlib-age: the CC0 dlib model is an ONNX model"):
+        resolve_checkpoint("dlib-age", option="--models")
+
+
+def test_eval_bench_and_distill_take_the_name_default(tiny_run):
+    from agecli.stages.bench.candidates import candidates
+    from agecli.stages.evaluate import evaluate
+    from agecli.stages.teachers import build_teacher
+
+    result = evaluate("default", tiny_run, split="all")
+    assert result["arch"] == "dlib_resnet6" and result["metrics"]["n"] == 300 and result["metrics"]["mae"] < 15
+    cands = candidates(tiny_run, ["default", "dlib-age"])
+    assert [(c.name, c.path) for c in cands] == [("default", default_model_path()), ("dlib-age", None)]
+    teacher = build_teacher(["default"])
+    assert teacher.kind == "checkpoint" and teacher.input_size == 56
+    with pytest.raises(AgecliError, match="ONNX model, not an agecli checkpoint"):
+        evaluate("dlib-age", tiny_run)
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_model_recipes_and_sample(tmp_path):
+    """`pip wheel .` then, from the unpacked wheel and another folder: `agecli run utkface` finds
+    its recipe, and `agecli predict` runs the default model on a bundled photo."""
+    pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the repository
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
+                                                                ".pytest_cache"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "-w", str(tmp_path / "wheel"),
+                           "--no-deps", "--no-build-isolation", "-q"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    wheel = next((tmp_path / "wheel").glob("agecli-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("agecli/weights/default.pt", "agecli/weights/MODEL_CARD.md", "agecli/recipes/bundled/utkface.yaml",
+                   "agecli/sample/photos/group1.jpg", "agecli/sample/quickstart.yaml"):
+        assert needed in names, needed
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    code = ("import agecli; from agecli.recipes.recipe import find_recipe; "
+            "print(agecli.__file__, find_recipe('utkface'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(site / "agecli" / "__init__.py"),
+                                   str(site / "agecli" / "recipes" / "bundled" / "utkface.yaml")]
+    proc = subprocess.run([sys.executable, "-m", "agecli.cli", "predict", "-q",
+                           str(site / "agecli" / "sample" / "photos" / "group1.jpg")],
+                          capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 face(s)" in proc.stdout
