@@ -9,10 +9,49 @@ and of their validation, for Python callers, recipes and the command line alike.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from agecli.errors import AgecliError
+
+MIN_SIZE, MAX_SIZE = 16, 1024    # face crop and model input sides, pixels (below 16 the backbones see nothing)
+MAX_MARGIN = 3.0                 # alignment context, fraction of the template crop
+DEVICES = ("auto", "cpu", "cuda")  # device names, besides cuda:N (auto: cuda when torch sees a GPU, else cpu)
+ENCODING_NAMES = ("regression", "classification", "ldae", "ordinal", "groups")  # agecli.modeling.encodings
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def check_device(device: Any, option: str = "--device") -> None:
+    """A device name agecli knows: auto, cpu, cuda or cuda:N (whether the GPU exists is
+    agecli.device's to say, when the stage starts)."""
+    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+        raise AgecliError(f"{option} {device!r} is not a device; use auto, cpu, cuda or cuda:N.")
+
+
+def check_range(options: Any, bounds: dict[str, tuple[float, float, str]]) -> None:
+    """Each named field within [low, high] (None passes where the field allows it); the message
+    names the option as the command line spells it and says what it takes."""
+    for field, (low, high, meaning) in bounds.items():
+        value = getattr(options, field)
+        if value is None:
+            continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or not (value > low if isinstance(low, Above) else value >= low) or not value <= high:
+            first = f"above {_number(low)}" if isinstance(low, Above) else f"at least {_number(low)}"
+            span = first if high == INF else f"{first}, at most {_number(high)}"
+            raise AgecliError(f"--{field.replace('_', '-')} {value!r} is out of range: {meaning} ({span}).")
+
+
+class Above(float):
+    """A lower bound that a value must exceed (not merely reach)."""
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+INF = float("inf")
 
 
 @dataclass
@@ -28,7 +67,7 @@ class TrainOptions:
     warmup_epochs: float = 1.0           # linear warm-up from lr/100, then cosine to lr/100
     clip_grad: float | None = 5.0        # max gradient norm; None (or 0) = no clipping
     patience: int | None = None          # stop after this many epochs without a better val MAE
-    device: str = "cpu"                  # cpu | cuda | cuda:N | auto (cuda when there is a GPU, else cpu)
+    device: str = "auto"                 # auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N
     amp: bool = True                     # mixed precision (bf16, or fp16 + grad scaling); CUDA only
     channels_last: bool = True           # NHWC memory format; CUDA only
     compile: bool = False                # torch.compile the model (slow start, faster steps)
@@ -42,13 +81,25 @@ class TrainOptions:
     precise_bn_batches: int = 20         # re-estimate BatchNorm statistics on this many un-augmented batches before validating
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or not self.lr > 0:
-            raise AgecliError(f"need epochs >= 1, batch size >= 2 and lr > 0 (got {self.epochs}, "
-                              f"{self.batch_size}, {self.lr}).")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise AgecliError(f"--time-limit is in minutes and must be positive (got {self.time_limit}).")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise AgecliError(f"unknown optimizer {self.optimizer!r}; choose adamw or sgd.")
+        check_range(self, {
+            "epochs": (1, INF, "passes over the training split"),
+            "batch_size": (2, INF, "faces per step; BatchNorm needs two"),
+            "lr": (Above(0), 10, "the peak learning rate"),
+            "time_limit": (Above(0), INF, "minutes; leave it out for no limit"),
+            "weight_decay": (0, 1, "weight decay"),
+            "warmup_epochs": (0, INF, "epochs of warm-up"),
+            "clip_grad": (0, INF, "the max gradient norm; 0 turns clipping off"),
+            "patience": (1, INF, "epochs without a better val MAE; leave it out to never stop early"),
+            "seed": (0, 2 ** 32 - 1, "a seed"),
+            "workers": (0, 64, "batches prefetched; 0 loads them inline"),
+            "threads": (1, 1024, "torch CPU threads; leave it out for torch's choice"),
+            "val_batch_size": (1, INF, "faces per step when validating"),
+            "max_batches": (1, INF, "steps per epoch; leave it out for all"),
+            "precise_bn_batches": (0, INF, "batches; 0 keeps the running statistics"),
+        })
+        if self.optimizer not in OPTIMIZERS:
+            raise AgecliError(f"unknown optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}.")
+        check_device(self.device)
         if not self.clip_grad:  # the command line's 0 means off, as None does
             self.clip_grad = None
 
@@ -68,7 +119,7 @@ class PrepareOptions:
     margin: float = 0.4              # context around the template, fraction of the template crop
     template: str = "arcface5"       # 5-point template, see agecli.data.faces.TEMPLATES
     detector: str | None = None      # mtcnn | none; None = the dataset's default
-    device: str = "cpu"              # where MTCNN runs: cpu | cuda
+    device: str = "auto"             # where MTCNN runs: auto | cpu | cuda | cuda:N
     workers: int | None = None       # detection processes; None = up to 8 with mtcnn on the CPU, else in-process
     limit: int | None = None         # only this many images, a seeded random sample (quick trials)
     shard: str | None = None         # "I/N" (1-based): only chunks I-1, I-1+N, ... so jobs can share a run
@@ -82,10 +133,18 @@ class PrepareOptions:
     def __post_init__(self) -> None:
         if self.detector is not None and self.detector not in DETECTORS:
             raise AgecliError(f"unknown detector {self.detector!r}; choose mtcnn or none.")
-        if not 16 <= self.size <= 1024:
-            raise AgecliError(f"--size {self.size} is out of range; use 16..1024 pixels (e.g. 128).")
-        if not 0 <= self.margin <= 3:
-            raise AgecliError(f"--margin {self.margin} is out of range; use 0..3 (0.4 = 40% extra context).")
+        check_range(self, {
+            "size": (MIN_SIZE, MAX_SIZE, "the side of the face crops in pixels, e.g. 128"),
+            "margin": (0, MAX_MARGIN, "context around the template; 0.4 = 40% more"),
+            "workers": (0, 256, "detection processes; 0 detects in this process"),
+            "limit": (1, INF, "images to sample; leave it out for all"),
+            "seed": (0, 2 ** 32 - 1, "a seed"),
+            "max_side": (32, 16384, "pixels of the longer side that detection sees"),
+            "min_score": (0, 1, "the detector's probability"),
+        })
+        check_device(self.device)
+        if not isinstance(self.template, str):
+            raise AgecliError(f"--template {self.template!r} must be a template name such as arcface5.")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise AgecliError("--val-fraction and --test-fraction must be in [0, 1) and sum to less than 1.")
@@ -139,10 +198,19 @@ class DistillOptions:
         if bad or not self.method:
             raise AgecliError(f"unknown method(s) {bad or '(none)'}; choose from {', '.join(METHODS)} "
                               "(combinable: --method soft --method hint).")
-        if self.teacher_views < 0:
-            raise AgecliError(f"--teacher-views must be 0 (the teacher runs live) or more (got {self.teacher_views}).")
-        if self.rank_k < 2:
-            raise AgecliError(f"--rank-k must be at least 2 (got {self.rank_k}).")
+        check_range(self, {
+            "temperature": (Above(0), 1000, "the softening temperature"),
+            "alpha": (0, 1, "the weight of the ground-truth loss"),
+            "soft_weight": (0, INF, "a loss weight"),
+            "pseudo_weight": (0, INF, "a loss weight"),
+            "hint_weight": (0, INF, "a loss weight"),
+            "ordinal_weight": (0, INF, "a loss weight"),
+            "rank_k": (2, 64, "faces per ranking sequence"),
+            "rank_epochs": (1, INF, "epochs of the ranking teacher; leave it out for the student's"),
+            "teacher_views": (0, 1000, "fixed views per face; 0 runs the teacher live"),
+        })
+        if self.teacher_device is not None:
+            check_device(self.teacher_device, "--teacher-device")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -9,6 +9,12 @@ A manifest records the command, its arguments, the agecli version and format ver
 start and end times, input fingerprints, the files written and a status. A stage is only
 "complete" once every artifact has been renamed into place and the manifest says so, so a
 killed run is never mistaken for a finished one. Later stages call `require_stage`.
+
+What a stage may write is bounded here, once for every stage: its folder's name is a plain
+name (`check_name`: no `..`, no `/`), a folder that holds files but no agecli manifest is the
+user's and is refused, one process writes a stage folder at a time (`StageLock`, a `.lock`
+file naming the holder; a dead holder's lock is taken over), and every file is written
+atomically (`atomic_path`) with the permissions of any other new file.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are as readable as any other file
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -57,9 +64,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -139,26 +159,160 @@ def environment() -> dict[str, Any]:
     return info
 
 
+# --------------------------------------------------------------------------- names and run folders
+def check_name(name: Any, what: str = "--name") -> str:
+    """`name` if it is a plain file name (one folder level, inside its parent), else AgecliError.
+
+    Every user-given name that becomes a folder (train/eval/distill --name, recipe step names)
+    passes here, so none can climb out of the run (`..`, `/abs`, `a/../../b`) or land in a
+    nested folder that later stages do not look in (`a/b`)."""
+    text = name if isinstance(name, str) else ""
+    bad = (not text.strip() or text in (".", "..") or "/" in text or "\\" in text or "\x00" in text
+           or text.startswith(".") or text != text.strip() or any(ord(c) < 32 for c in text)
+           or os.path.isabs(text) or len(text.encode()) > 200)
+    if bad:
+        raise AgecliError(f"{what} {name!r} is not a plain folder name: use letters, digits, '-', '_' and '.' "
+                          "(no '/', no '..', not starting with '.', at most 200 bytes), e.g. resnet50-try2.")
+    return text
+
+
+def check_run_dir(run: str | os.PathLike, what: str = "--run") -> Path:
+    """`run` as a Path, refusing a path that exists but is not a folder (a run is a folder)."""
+    path = Path(run)
+    if path.exists() and not path.is_dir():
+        raise AgecliError(f"{what} {path} is a file, not a run folder; give a folder (new or from an earlier "
+                          "stage), e.g. --run runs/mine.")
+    return path
+
+
+# --------------------------------------------------------------------------- locks
+LOCK_NAME = ".lock"
+
+
+class StageLock:
+    """One writer per stage folder: a lock file holding the writer's pid, host and command.
+
+    `key=None` is exclusive. A keyed lock (prepare's "--shard I/N" jobs) excludes the exclusive
+    lock and the same key only, so shards of one run work side by side. A lock whose process
+    has died (same host, pid gone) is stale and taken over.
+    """
+
+    def __init__(self, folder: Path, key: str | None = None):
+        self.folder = Path(folder)
+        self.path = self.folder / (LOCK_NAME if key is None else f"{LOCK_NAME}.{key}")
+        self.exclusive = key is None
+        self.held = False
+
+    def acquire(self) -> "StageLock":
+        self._create()
+        try:
+            self._refuse_others()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def check(self) -> None:
+        """Refuse now if another process holds a conflicting lock (before slow preparations;
+        `acquire` still decides)."""
+        holder = _live_holder(self.path)
+        if holder is not None and holder.get("pid") != os.getpid():
+            raise AgecliError(_lock_message(self.folder, self.path, holder))
+        self._refuse_others()
+
+    def _refuse_others(self) -> None:
+        for other in self.folder.glob(f"{LOCK_NAME}*"):
+            if other != self.path and (self.exclusive or other.name == LOCK_NAME):
+                holder = _live_holder(other)
+                if holder is not None:
+                    raise AgecliError(_lock_message(self.folder, other, holder))
+
+    def _create(self) -> None:
+        record = json.dumps({"pid": os.getpid(), "host": platform.node(), "started": now(),
+                             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _live_holder(self.path)
+                if holder is not None:
+                    raise AgecliError(_lock_message(self.folder, self.path, holder)) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(record + "\n")
+            self.held = True
+            return
+        raise AgecliError(f"{self.path} keeps reappearing; another agecli is starting in {self.folder}. Try again.")
+
+    def release(self) -> None:
+        """Remove the lock file if it is still ours."""
+        if self.held:
+            self.held = False
+            holder = _read_lock(self.path)
+            if holder is not None and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _live_holder(path: Path) -> dict[str, Any] | None:
+    """The lock's record when its process may still run; None when the lock is stale or gone.
+    A lock being written this instant (empty) counts as live; one from another host too,
+    since its pid cannot be checked from here."""
+    holder = _read_lock(path)
+    if holder is None:
+        return {"pid": "?", "command": "(starting)", "started": "now"} if path.exists() else None
+    if holder.get("host") != platform.node():
+        return holder
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return holder
+    return holder
+
+
+def _lock_message(folder: Path, path: Path, holder: dict[str, Any]) -> str:
+    return (f"{folder} is being written by another agecli (pid {holder.get('pid')} on {holder.get('host', '?')}, "
+            f"`{holder.get('command')}`, since {holder.get('started')}); two writers would corrupt it. Wait for "
+            f"it to finish or stop it, or use another --run / --name. If that process no longer exists, "
+            f"delete {path}.")
+
+
 # --------------------------------------------------------------------------- stages
 class Stage:
     """One stage of a run: creates its folder and keeps its manifest honest.
 
-    Use as a context manager; the manifest says "running" until `complete()` is called,
-    and "failed" (with the error) if the block raises.
+    Use as a context manager. Entering refuses a folder agecli did not write (no agecli
+    manifest) and a folder another process is writing (StageLock); the manifest says
+    "running" until `complete()` is called, "interrupted" after Ctrl-C or SIGTERM and "failed"
+    (with the error) when the block raises otherwise. A failure that changed no file of an
+    already complete stage (a mistyped option) puts its manifest back as it was.
     """
 
     def __init__(self, run: str | os.PathLike, stage: str, name: str | None = None, *,
-                 args: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None):
+                 args: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
+                 lock_key: str | None = None):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-        self.run = Path(run)
+        self.run = check_run_dir(run)
         self.stage = stage
-        self.name = name
-        self.dir = self.run / stage / name if name else self.run / stage
+        self.name = check_name(name) if name is not None else None
+        self.dir = self.run / stage / self.name if self.name else self.run / stage
         self.manifest_path = self.dir / "manifest.json"
+        self.lock = StageLock(self.dir, lock_key)
+        self._previous: tuple[bytes, dict[str, tuple[int, int]]] | None = None
         self.manifest: dict[str, Any] = {
             "stage": stage,
-            "name": name,
+            "name": self.name,
             "status": "running",
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "args": args or {},
@@ -172,18 +326,74 @@ class Stage:
             "results": {},
         }
 
+    def check(self) -> "Stage":
+        """Refuse now what entering would refuse (a folder that is not agecli's, another writer),
+        so a stage can say so before its slow work rather than after it."""
+        self._refuse_foreign()
+        if self.dir.is_dir():
+            self.lock.check()
+        return self
+
     def __enter__(self) -> "Stage":
+        self._refuse_foreign()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._write()
+        self.lock.acquire()
+        try:
+            self._previous = self._finished_state()
+            self._write()
+        except BaseException:
+            self.lock.release()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and self.manifest["status"] != "complete":
-            self.manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            self.manifest["error"] = f"{exc_type.__name__}: {exc}"
-            self.manifest["ended"] = now()
-            self._write()
+        try:
+            if exc is not None and self.manifest["status"] != "complete":
+                if self._previous is not None and self._snapshot() == self._previous[1]:
+                    write_bytes(self.manifest_path, self._previous[0])  # nothing changed: still complete
+                else:
+                    self.manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                    self.manifest["error"] = f"{exc_type.__name__}: {exc}"
+                    self.manifest["ended"] = now()
+                    self._write()
+        finally:
+            self.lock.release()
         return False
+
+    def _refuse_foreign(self) -> None:
+        """A folder that exists with content but without this stage's agecli manifest is the
+        user's: never written into."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise AgecliError(f"{self.dir} is a file; agecli needs that path for its {self.stage} stage and does "
+                              "not replace files it did not write. Move it, or use another --run / --name.")
+        if not self.dir.is_dir() or not any(not p.name.startswith(LOCK_NAME) for p in self.dir.iterdir()):
+            return
+        try:
+            old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if not (isinstance(old, dict) and old.get("stage") == self.stage and "format_version" in old):
+            raise AgecliError(f"{self.dir} exists but was not written by agecli's {self.stage} stage (no agecli "
+                              "manifest.json); agecli does not write over files it did not create. Move it, or "
+                              "use another --run / --name.")
+
+    def _finished_state(self) -> tuple[bytes, dict[str, tuple[int, int]]] | None:
+        """The manifest bytes and file listing of a complete stage this run might redo, else None."""
+        try:
+            raw = self.manifest_path.read_bytes()
+            complete = json.loads(raw).get("status") == "complete"
+        except (OSError, ValueError, AttributeError):
+            return None
+        return (raw, self._snapshot()) if complete else None
+
+    def _snapshot(self) -> dict[str, tuple[int, int]]:
+        """(bytes, mtime) of every file of the stage but its manifest and locks."""
+        out = {}
+        for path in self.dir.rglob("*"):
+            if path.is_file() and path != self.manifest_path and not path.name.startswith(LOCK_NAME):
+                info = path.stat()
+                out[str(path.relative_to(self.dir))] = (info.st_size, info.st_mtime_ns)
+        return out
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -264,7 +474,7 @@ def latest_run(root: Path | None = None) -> Path | None:
 def resolve_run(run: str | os.PathLike | None) -> Path:
     """`--run` if given, else the most recent run under `runs/` (see `latest_run`)."""
     if run is not None:
-        path = Path(run)
+        path = check_run_dir(run)
         if not path.is_dir():
             raise AgecliError(f"run directory {path} does not exist; create it with `agecli prepare ... --run {path}`.")
         return path

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
+import signal
 import sys
+import typing
 
 import typer
 
@@ -76,17 +80,80 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
+_DEFAULT_HINT = re.compile(r"\s*\[default: ([^\]]*)\]")
+
+
+def show_defaults(typer_app: typer.Typer) -> None:
+    """Help text passes through rich markup, which takes `[default: ...]` for a style tag and drops
+    it. A `[default: X]` hint in an option's help (how options whose default is None say what
+    that means) becomes the default the help shows; other brackets are escaped."""
+    for command in typer_app.registered_commands:
+        for info in _parameter_infos(command.callback):
+            text = info.help or ""
+            hint = _DEFAULT_HINT.search(text)
+            if hint and not isinstance(info.show_default, str):
+                info.show_default = hint.group(1)
+                text = text[:hint.start()] + text[hint.end():]
+            info.help = re.sub(r"(?<!\\)\[", r"\\[", text) if text else info.help
+
+
+def _parameter_infos(callback) -> list:
+    """The typer Option/Argument objects of a command function (as defaults or in Annotated)."""
+    hints = typing.get_type_hints(callback, include_extras=True)
+    # string annotations (`from __future__ import annotations`) would be evaluated afresh, into
+    # new Option objects, each time they are read: keep the objects read here, for typer too
+    callback.__annotations__ = {**getattr(callback, "__annotations__", {}), **hints}
+    found = []
+    for parameter in inspect.signature(callback).parameters.values():
+        if isinstance(parameter.default, typer.models.ParameterInfo):
+            found.append(parameter.default)
+        annotation = hints.get(parameter.name)
+        found.extend(m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, typer.models.ParameterInfo))
+    return found
+
+
+show_defaults(app)
+
+
+# --------------------------------------------------------------------------- interrupts
+_received: list[int] = []  # the terminating signal, when one arrived
+
+
+def _on_signal(signum: int, frame) -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C (KeyboardInterrupt), so the running stage is marked
+    interrupted in its manifest, its lock released and half-written files removed."""
+    _received.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)  # the manifest's error names the signal
+
+
+def _catch_signals() -> None:
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _on_signal)
+
+
+def _interrupted() -> None:
+    """Exit as a process killed by the signal would be counted (128 + its number: 130 for Ctrl-C,
+    143 for SIGTERM), saying what happened and how to go on."""
+    signum = _received[0] if _received else signal.SIGINT
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    typer.echo(f"{what}; the running stage is marked interrupted in its manifest. prepare, bench and "
+               "`agecli run` continue where they stopped when run again; train and distill continue with "
+               "--resume --name NAME.", err=True)
+    sys.exit(128 + int(signum))
+
+
 def main() -> None:
+    _catch_signals()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except AgecliError as exc:
         from rich.console import Console
 
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted; re-run the same command to resume.", err=True)
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
@@ -95,6 +162,13 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into this return value
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+INTERRUPTED = 130
 
 
 if __name__ == "__main__":

@@ -14,23 +14,61 @@ A new field needs one line in its table and shows up in every command that takes
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
+from agecli.options import DEVICES, ENCODING_NAMES, METHODS, OPTIMIZERS
+
+# Choices are typed as Literal (one value) or a str Enum (a repeatable option), so typer
+# validates and completes them; `plain` turns Enum members back into their strings.
+MethodChoice = enum.Enum("MethodChoice", {m: m for m in METHODS}, type=str)
+
+
+def plain(value: Any) -> Any:
+    """A choice as the library takes it: an Enum member's string, a list of them as strings."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def complete_devices(incomplete: str) -> list[str]:
+    return [d for d in (*DEVICES, "cuda:0", "cuda:1") if d.startswith(incomplete)]
+
+
+def complete_arch(incomplete: str) -> list[str]:
+    """Backbone names and aliases (imports the model registry only when completing)."""
+    from agecli.modeling.backbones import describe_backbones
+
+    names = [n for row in describe_backbones() for n in (row["name"], *row["aliases"])]
+    return sorted(n for n in set(names) if n.startswith(incomplete))
+
+
 # --------------------------------------------------------------------------- what to train on, and how to report
 Run = Annotated[Optional[Path], typer.Option("--run", help="run directory [default: the latest under runs/]")]
-Name = Annotated[Optional[str], typer.Option("--name", help="output folder name [default: from the model]")]
+Name = Annotated[Optional[str], typer.Option("--name", help="output folder name, a plain name such as resnet50-b "
+                                                            "[default: from the model]")]
 Size = Annotated[Optional[int], typer.Option(
-    "--size", help="input side in px [default: min(store size, backbone default)]")]
-Encoding = Annotated[str, typer.Option("--encoding", help="regression | classification | ldae | ordinal | groups")]
+    "--size", min=16, max=1024, help="input side in px, 16..1024 [default: min(store size, backbone default)]")]
+Arch = Annotated[str, typer.Option("--arch", autocompletion=complete_arch,
+                                   help="backbone name or alias (see `agecli models`)")]
+Encoding = Annotated[Literal[ENCODING_NAMES], typer.Option(  # type: ignore[valid-type]
+    "--encoding", help="how the head encodes an age")]
 Gender = Annotated[bool, typer.Option("--gender", help="add a gender head (multi-task, on gender-labelled faces)")]
 Pretrained = Annotated[Optional[str], typer.Option(
-    "--pretrained", help="imagenet: torchvision's weights (online or cached); dlib: the CC0 dlib weights")]
-Init = Annotated[Optional[Path], typer.Option("--init", help="start from an agecli checkpoint or a state dict")]
+    "--pretrained", autocompletion=lambda incomplete: [p for p in ("imagenet", "dlib") if p.startswith(incomplete)],
+    help="imagenet: torchvision's weights (online or cached); dlib: the CC0 dlib weights "
+         "[default: none, random initial weights]")]
+Init = Annotated[Optional[Path], typer.Option("--init", help="start from an agecli checkpoint or a state dict "
+                                                            "[default: none]")]
+Device = Annotated[str, typer.Option("--device", autocompletion=complete_devices,
+                                     help="auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N")]
 Json = Annotated[bool, typer.Option("--json", help="print the results as one JSON object")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
 
@@ -43,18 +81,20 @@ def _option(*decls: str, panel: str, **kwargs: Any) -> typer.models.OptionInfo:
 _LOOP = "Training loop"
 TRAINING: dict[str, Any] = {
     "epochs": Annotated[int, _option(panel=_LOOP, help="passes over the training split")],
-    "time_limit": Annotated[Optional[float], _option(panel=_LOOP,
-                                                     help="minutes: end the schedule early to finish in time")],
+    "time_limit": Annotated[Optional[float], _option(panel=_LOOP, help="minutes: end the schedule early to finish "
+                                                                       "in time [default: no limit]")],
     "batch_size": Annotated[int, _option(panel=_LOOP, help="faces per step (per process with torchrun)")],
     "lr": Annotated[float, _option(panel=_LOOP, help="peak learning rate (after warm-up; cosine decay)")],
     "weight_decay": Annotated[float, _option(panel=_LOOP, help="weight decay (not on norms and biases)")],
-    "optimizer": Annotated[str, _option(panel=_LOOP, help="adamw | sgd")],
+    "optimizer": Annotated[Literal[OPTIMIZERS], _option(panel=_LOOP, help="the optimiser")],  # type: ignore
     "warmup_epochs": Annotated[float, _option(panel=_LOOP, help="linear warm-up length in epochs")],
     "clip_grad": Annotated[Optional[float], _option(panel=_LOOP, help="max gradient norm (0 = off)")],
-    "patience": Annotated[Optional[int], _option(panel=_LOOP, help="early stop after N epochs without better val MAE")],
+    "patience": Annotated[Optional[int], _option(panel=_LOOP, help="early stop after N epochs without better val MAE "
+                                                                   "[default: never]")],
     "augment": Annotated[bool, _option("--augment/--no-augment", panel=_LOOP,
                                        help="flip/zoom/rotate/colour augmentation")],
-    "device": Annotated[str, _option(panel=_LOOP, help="cpu | cuda | cuda:N | auto (cuda when there is a GPU)")],
+    "device": Annotated[str, _option(panel=_LOOP, autocompletion=complete_devices,
+                                     help="auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N")],
     "amp": Annotated[bool, _option("--amp/--no-amp", panel=_LOOP, help="mixed precision on CUDA")],
     "channels_last": Annotated[bool, _option("--channels-last/--no-channels-last", panel=_LOOP,
                                              help="NHWC memory format on CUDA")],
@@ -64,7 +104,8 @@ TRAINING: dict[str, Any] = {
     "seed": Annotated[int, _option(panel=_LOOP, help="seed for init, shuffling and augmentation")],
     "resume": Annotated[bool, _option("--resume", panel=_LOOP, help="continue the NAME folder from its last.pt")],
     "val_batch_size": Annotated[int, _option(panel=_LOOP, help="faces per step when validating and scoring")],
-    "max_batches": Annotated[Optional[int], _option(panel=_LOOP, help="cap steps per epoch (quick trials)")],
+    "max_batches": Annotated[Optional[int], _option(panel=_LOOP, help="cap steps per epoch (quick trials) "
+                                                                      "[default: all]")],
     "precise_bn_batches": Annotated[int, _option(panel=_LOOP, help="re-estimate BatchNorm statistics on this many "
                                                                    "un-augmented batches before validating")],
 }
@@ -72,9 +113,8 @@ TRAINING: dict[str, Any] = {
 # --------------------------------------------------------------------------- DistillOptions
 _KD = "Distillation"
 DISTILLATION: dict[str, Any] = {
-    "method": Annotated[list[str], _option("--method", "-m", panel=_KD,
-                                           help="soft | pseudo | hint | ordinal; repeat to combine "
-                                                "(--method soft --method hint)")],
+    "method": Annotated[list[MethodChoice], _option("--method", panel=_KD,  # type: ignore[valid-type]
+                                                    help="repeat to combine (--method soft --method hint)")],
     "temperature": Annotated[float, _option("--temperature", "-T", panel=_KD, help="soft: softening temperature")],
     "alpha": Annotated[float, _option(panel=_KD, help="weight of the ground-truth loss where labels exist "
                                                       "(0: teacher only)")],
@@ -96,7 +136,8 @@ DISTILLATION: dict[str, Any] = {
              "[0: the teacher runs live]")],
     "recrop": Annotated[bool, _option("--recrop/--no-recrop", panel=_KD,
                                       help="re-crop faces to each teacher's own alignment when both are known")],
-    "teacher_device": Annotated[Optional[str], _option(panel=_KD, help="device of the teachers [default: --device]")],
+    "teacher_device": Annotated[Optional[str], _option(panel=_KD, autocompletion=complete_devices,
+                                                       help="device of the teachers [default: --device]")],
     "teacher_half": Annotated[bool, _option("--teacher-half", panel=_KD,
                                             help="run checkpoint teachers in fp16 (CUDA only)")],
 }
@@ -117,7 +158,7 @@ def with_options(cls: type, table: dict[str, Any], *, into: str) -> Callable[[Ca
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name in table}
+            values = {name: plain(kwargs.pop(name)) for name in table}
             return command(**kwargs, **{into: cls(**values)})
 
         wrapper.__signature__ = inspect.Signature(own + added)  # type: ignore[attr-defined]

@@ -435,7 +435,11 @@ def _parse_folder(root: Path, strict: bool) -> Parsed:
             path = Path(dirpath) / name
             if _is_image(path):
                 parsed.rows += 1
-                parsed.samples.append(Sample(path=path.relative_to(root).as_posix()))
+                rel = path.relative_to(root).as_posix()
+                if path.is_file():
+                    parsed.samples.append(Sample(path=rel))
+                else:  # a named pipe or device called *.jpg: reading it would block or never end
+                    parsed.rejects.append(Reject(rel, "not_a_file", "not a regular file"))
     parsed.samples.sort(key=lambda s: s.path)
     if not parsed.samples:
         raise AgecliError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")

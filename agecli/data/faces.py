@@ -15,12 +15,16 @@ Detection is MTCNN (facenet-pytorch), made faster than a plain `MTCNN.detect` lo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import stat
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -69,39 +73,192 @@ class ImageError(Exception):
 
 
 MAX_PIXELS = 120_000_000  # bigger images are rejected (decompression bombs, scans of posters)
+MAX_FILE_BYTES = 512 << 20  # bigger files are rejected before they are read into memory
+
+
+def read_file_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, refusing what is not a regular file (a named pipe would
+    block forever, a device never end) and files over MAX_FILE_BYTES. ImageError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait
+    except FileNotFoundError:
+        raise ImageError("missing", str(path)) from None
+    except OSError as exc:
+        raise ImageError("unreadable", f"{exc.__class__.__name__}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a named pipe" if stat.S_ISFIFO(info.st_mode) else "a device" if (
+                stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)) else "a socket or other special file"
+            raise ImageError("not_a_file", f"{kind}; only regular files are read")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError("too_large", f"{info.st_size} bytes (limit {MAX_FILE_BYTES >> 20} MB)")
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError("too_large", f"more than {MAX_FILE_BYTES >> 20} MB")
+    return data
 
 
 def read_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
     """Decode an image file to RGB uint8 (H, W, 3), honouring EXIF orientation.
 
     Grey and RGBA become RGB (alpha dropped), CMYK JPEGs are converted, 16-bit PNG/TIFF
-    are scaled to 8 bits. Raises ImageError("unreadable" | "truncated" | "too_large" | ...).
+    are scaled to 8 bits. Its size is read from the header of the format OpenCV will decode
+    it as, before anything is decoded. Raises ImageError("unreadable" | "truncated" |
+    "too_large" | "corrupt" | "unsupported_format" | "not_a_file" | ...).
     """
     if data is None:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ImageError("missing", str(path)) from None
-        except OSError as exc:
-            raise ImageError("unreadable", f"{exc.__class__.__name__}: {exc}") from None
+        data = read_file_bytes(path)
     if len(data) == 0:
         raise ImageError("empty_file")
-    if data[:2] == b"\xff\xd8" and not data[-64:].rstrip(b"\x00\r\n \t").endswith(b"\xff\xd9"):
+    kind = sniff_format(data)
+    if kind == "JPEG" and not data[-64:].rstrip(b"\x00\r\n \t").endswith(b"\xff\xd9"):
         # A JPEG normally ends with its end-of-image marker; without it OpenCV silently fills
         # the missing bottom with grey. Some cameras append data after the marker, so let
         # Pillow, which raises on truncation, have the last word (rare, so the cost is fine).
         _pillow_verify_jpeg(data)
-    _check_size(data)
-    buf = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-    if image is None:
-        image = _read_with_pillow(data)
+    if kind is None:
+        image = _read_with_pillow(data)  # OpenCV knows no other format; Pillow checks the size first
     else:
-        image = _to_uint8(image)
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        check_size(data, kind)
+        image = _decode_with_opencv(data, kind)
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 8:
         raise ImageError("too_small" if image.ndim == 3 else "unreadable", f"shape {image.shape}")
     return np.ascontiguousarray(image)
+
+
+def _decode_with_opencv(data: bytes, kind: str) -> np.ndarray:
+    buf = np.frombuffer(data, dtype=np.uint8)
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+    image = _decode_jpeg(buf, flags) if kind == "JPEG" else cv2.imdecode(buf, flags)
+    if image is None:
+        return _read_with_pillow(data)
+    return cv2.cvtColor(_to_uint8(image), cv2.COLOR_BGR2RGB)
+
+
+# OpenCV picks its decoder by these leading bytes; a file is decoded as what it starts with.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"), (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"\x59\xa6\x6a\x95", "SUN"), (b"#?RADIANCE", "HDR"), (b"#?RGBE", "HDR"), (b"\x76\x2f\x31\x01", "EXR"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format OpenCV would decode `data` as (JPEG, PNG, ..., HDR, PFM), or None for a file
+    only Pillow may read."""
+    for magic, kind in _SIGNATURES:
+        if data.startswith(magic):
+            return kind
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    if len(data) > 2 and data[:1] == b"P" and data[2:3].isspace():
+        return {b"F": "PFM", b"f": "PFM", b"7": "PAM"}.get(data[1:2], "PPM" if data[1:2] in b"123456" else None)
+    return None
+
+
+def check_size(data: bytes, kind: str) -> tuple[int, int]:
+    """(width, height) from the header of `kind`, refusing images over MAX_PIXELS before they are
+    decoded; Pillow reads the header as that format only, so a file cannot pass as another."""
+    if kind in ("HDR", "PFM"):
+        width, height = _float_header_size(data, kind)
+    elif kind == "TIFF":  # Pillow cannot open every TIFF OpenCV reads (3-channel float, for one)
+        width, height = _tiff_header_size(data)
+    elif kind in ("EXR", "PAM"):
+        raise ImageError("unsupported_format", f"{kind} images are not read; convert to PNG or TIFF")
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data), formats=[kind]) as im:
+                width, height = im.size
+        except Image.DecompressionBombError as exc:
+            raise ImageError("too_large", str(exc)) from None
+        except Exception as exc:  # Pillow raises assorted types on damaged headers
+            raise ImageError("unreadable", f"{kind} header: {exc.__class__.__name__}: {exc}") from None
+    if width * height > MAX_PIXELS:
+        raise ImageError("too_large", f"{width}x{height} pixels (limit {MAX_PIXELS // 1_000_000} Mpx)")
+    return width, height
+
+
+def _float_header_size(data: bytes, kind: str) -> tuple[int, int]:
+    """Width and height from a Radiance HDR header (lines, a blank one, then "-Y H +X W") or a
+    PFM header ("PF", "W H", scale); the formats Pillow cannot open."""
+    head = data[:8192].split(b"\n")
+    try:
+        if kind == "PFM":
+            tokens = b" ".join(head[:3]).split()
+            return int(tokens[1]), int(tokens[2])
+        blank = head.index(b"")
+        axes = head[blank + 1].split()
+        sizes = {axes[0][1:]: int(axes[1]), axes[2][1:]: int(axes[3])}
+        return sizes[b"X"], sizes[b"Y"]
+    except (ValueError, IndexError, KeyError):
+        raise ImageError("unreadable", f"{kind} header without a readable size") from None
+
+
+def _tiff_header_size(data: bytes) -> tuple[int, int]:
+    """ImageWidth and ImageLength of a TIFF's first image (classic or BigTIFF)."""
+    import struct
+
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        big = struct.unpack(order + "H", data[2:4])[0] == 43
+        head, entry, count_fmt = (16, 20, "Q") if big else (8, 12, "H")
+        offset = struct.unpack(order + ("Q" if big else "I"), data[head - (8 if big else 4):head])[0]
+        count = struct.unpack(order + count_fmt, data[offset:offset + (8 if big else 2)])[0]
+        sizes = {}
+        for k in range(min(count, 4096)):
+            at = offset + (8 if big else 2) + k * entry
+            tag, kind = struct.unpack(order + "HH", data[at:at + 4])
+            if tag in (256, 257):
+                value = data[at + (12 if big else 8):at + entry]
+                sizes[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2 if kind == 3 else 4])[0]
+        return sizes[256], sizes[257]
+    except (struct.error, KeyError, OverflowError):
+        raise ImageError("unreadable", "TIFF header without a readable size") from None
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+def _decode_jpeg(buf: np.ndarray, flags: int) -> np.ndarray | None:
+    """cv2.imdecode of a JPEG, refusing what libjpeg reports as corrupt. libjpeg decodes damaged
+    data (a zeroed stretch, a bad Huffman code) into grey or smeared blocks and only warns on the
+    process's stderr, so that stream is read for its warning; other text is passed on."""
+    with _STDERR_LOCK, _captured_stderr() as captured:
+        image = cv2.imdecode(buf, flags)
+    warnings = [line for line in captured if "Corrupt JPEG" in line or "Premature end of JPEG" in line]
+    others = [line for line in captured if line not in warnings]  # e.g. a progress bar drawn meanwhile
+    if others:
+        sys.stderr.write("".join(others))
+    if warnings:
+        raise ImageError("corrupt", warnings[0].strip())
+    return image
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """The lines written to file descriptor 2 (C libraries included) inside the block."""
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr: decode without listening
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines(keepends=True))
 
 
 def _pillow_verify_jpeg(data: bytes) -> None:
@@ -118,26 +275,16 @@ def _pillow_verify_jpeg(data: bytes) -> None:
         raise ImageError("unreadable", f"{exc.__class__.__name__}: {exc}") from None
 
 
-def _check_size(data: bytes) -> None:
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Exception:
-        return  # let the decoders decide
-    if w * h > MAX_PIXELS:
-        raise ImageError("too_large", f"{w}x{h} pixels (limit {MAX_PIXELS // 1_000_000} Mpx)")
-
-
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
     if image.dtype == np.uint16:
         return (image >> 8).astype(np.uint8)
     if image.dtype in (np.float32, np.float64):
-        scale = 255.0 if float(np.nanmax(image)) <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(image) * scale, 0, 255).astype(np.uint8)
+        if not np.isfinite(image).all():
+            raise ImageError("corrupt", "the float image holds NaN or infinite values")
+        scale = 255.0 if float(image.max(initial=0.0)) <= 1.0 else 1.0
+        return np.clip(image * scale, 0, 255).astype(np.uint8)
     raise ImageError("unsupported_depth", str(image.dtype))
 
 
@@ -146,8 +293,12 @@ def _read_with_pillow(data: bytes) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:  # the header is read; nothing decoded yet
+                raise ImageError("too_large", f"{im.size[0]}x{im.size[1]} pixels (limit {MAX_PIXELS // 1_000_000} Mpx)")
             im.load()
             im = ImageOps.exif_transpose(im)
+            if im.mode == "F":
+                return np.repeat(_to_uint8(np.asarray(im))[..., None], 3, axis=2)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im).astype(np.float64)
                 peak = 65535.0 if arr.max() > 255 else 255.0
@@ -155,6 +306,8 @@ def _read_with_pillow(data: bytes) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except UnidentifiedImageError:
         raise ImageError("unreadable", "not an image format OpenCV or Pillow can decode") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", str(exc)) from None
     except OSError as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "unreadable"
         raise ImageError(reason, str(exc)) from None

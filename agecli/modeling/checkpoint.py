@@ -14,6 +14,7 @@ A checkpoint is one `torch.save`d dict of tensors and plain data (it loads with
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from agecli import FORMAT_VERSION, __version__
 from agecli.modeling.encodings import Encoding, build_encoding
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, AgeModel, build_model, resolve_arch
+from agecli.options import MAX_MARGIN, MAX_SIZE, MIN_SIZE
 from agecli.rundir import atomic_path
 
 CHECKPOINT_FORMAT = "agecli.checkpoint"
@@ -59,10 +61,47 @@ class ModelSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: dict[str, Any], source: str = "the model file") -> "ModelSpec":
+        """The spec a model file carries, its values checked first (`check_spec`)."""
+        check_spec(data, source)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["mean"], known["std"] = tuple(known.get("mean", IMAGENET_MEAN)), tuple(known.get("std", IMAGENET_STD))
         return cls(**known)
+
+
+def check_spec(data: Any, source: str) -> None:
+    """Refuse a spec whose values are of the wrong kind or out of bounds before anything is
+    built from them: a model file may come from anyone, and `input_size: 30000` alone would
+    make every face a 10 GB tensor."""
+    def bad(what: str) -> AgecliError:
+        return AgecliError(f"{source} is not a usable agecli model: its spec has {what}. It was damaged or not "
+                           "written by agecli; use a checkpoint written by `agecli train` or `agecli distill`.")
+
+    if not isinstance(data, dict):
+        raise bad(f"a {type(data).__name__} instead of a mapping")
+    if not isinstance(data.get("arch"), str) or not isinstance(data.get("encoding"), dict):
+        raise bad("no architecture name or encoding")
+    if not _whole(data.get("input_size"), MIN_SIZE, MAX_SIZE):
+        raise bad(f"input_size {data.get('input_size')!r} (agecli models take {MIN_SIZE}..{MAX_SIZE} px)")
+    for key, positive in (("mean", False), ("std", True)):
+        values = data.get(key, IMAGENET_MEAN)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive) for v in values)):
+            raise bad(f"{key} {values!r} (three finite numbers{', above 0' if positive else ''})")
+    alignment = data.get("alignment", {})
+    if not isinstance(alignment, dict):
+        raise bad(f"alignment {alignment!r}")
+    if "size" in alignment and not _whole(alignment["size"], MIN_SIZE, MAX_SIZE):
+        raise bad(f"alignment size {alignment['size']!r} ({MIN_SIZE}..{MAX_SIZE} px)")
+    margin = alignment.get("margin", 0.0)
+    if not (isinstance(margin, (int, float)) and 0 <= margin <= MAX_MARGIN):
+        raise bad(f"alignment margin {margin!r} (0..{MAX_MARGIN})")
+    if alignment.get("method", "similarity") not in ("similarity", "resize"):
+        raise bad(f"alignment method {alignment.get('method')!r}")
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: ModelSpec,
@@ -112,7 +151,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[AgeModel, ModelSpec]:
     """Rebuild the model a checkpoint describes, in eval mode on `device`."""
     payload = read_checkpoint(path)
-    spec = ModelSpec.from_dict(payload["spec"])
+    spec = ModelSpec.from_dict(payload["spec"], source=str(path))
     resolve_arch(spec.arch)
     model = spec.build_model()
     load_state(model, payload["state_dict"], source=str(path))

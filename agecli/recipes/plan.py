@@ -16,6 +16,7 @@ from agecli.progress import ProgressFn
 from agecli.recipes.kinds import STAGE_KINDS, TOP_LEVEL_KEYS, StageKind
 from agecli.recipes.recipe import Recipe, Step, did_you_mean
 from agecli.recipes.signatures import RUNNER_FILLED, Param, bind, parameters, takes_var_keyword, type_problem
+from agecli.rundir import check_name
 
 
 def plan(recipe: Recipe, run: str | Path, root: str | Path | None = None) -> list[Step]:
@@ -74,6 +75,7 @@ def _step(kind: StageKind, i: int, entry: Any, earlier: list[Step], where: str) 
         if not isinstance(name, str) or not name:
             raise AgecliError(f"{where}: entry {i} of section {section!r} needs a `name:` (its folder "
                               f"RUN/{kind.stage_dir.format(name='NAME')}, used to resume and to refer to it).")
+        check_name(name, f"{where}: the name of entry {i} of section {section!r},")
         if name in {step.name for step in earlier}:
             raise AgecliError(f"{where}: two {section} entries are named {name!r}; names must be unique.")
     return Step(section, name, dict(entry))

@@ -24,6 +24,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from agecli.device import require_device
 from agecli.errors import AgecliError, missing_facenet
 from agecli.progress import ProgressFn
 from agecli.recipes.kinds import STAGE_KINDS
@@ -51,7 +52,7 @@ def check_requirements() -> None:
                           "(pip install -e .) from a complete checkout.")
 
 
-def quickstart(run: str | Path = "runs/quickstart", *, device: str = "cpu", epochs: int | None = None,
+def quickstart(run: str | Path = "runs/quickstart", *, device: str = "auto", epochs: int | None = None,
                threads: int | None = 1, overrides: list[str] | tuple[str, ...] = (),
                progress: ProgressFn | None = None, quiet: bool = True) -> dict[str, Any]:
     """Run the quickstart recipe into `run`; returns the recipe result plus the bench table
@@ -60,7 +61,8 @@ def quickstart(run: str | Path = "runs/quickstart", *, device: str = "cpu", epoc
     import torch
 
     check_requirements()
-    extra = _machine_overrides(load_recipe(QUICKSTART_RECIPE), device, threads)
+    # one device for every section, bench included, which measures a named device and takes no auto
+    extra = _machine_overrides(load_recipe(QUICKSTART_RECIPE), require_device(device), threads)
     if epochs is not None:
         extra.append(f"distill.epochs={epochs}")
     recipe = load_recipe(QUICKSTART_RECIPE, [*extra, *overrides])

@@ -19,6 +19,8 @@ from agecli.errors import AgecliError
 from agecli.recipes.kinds import STAGE_KINDS, TOP_LEVEL_KEYS
 
 RECIPE_FILE = "recipe.yaml"       # the run's own copy of the recipe it was made with
+MAX_RECIPE_CHARS = 1 << 20        # the bundled recipes are a few kB
+MAX_RECIPE_VALUES = 100_000       # keys and values once aliases are expanded
 
 
 @dataclass
@@ -62,27 +64,56 @@ def load_recipe(source: str | Path, overrides: list[str] | tuple[str, ...] = ())
     data = parse_recipe(text, where=str(path))
     for item in overrides:
         apply_override(data, item)
+    if overrides:
+        check_expanded_size(data, f"{path} with --set")
     return Recipe(path=path, data=data, text=text, overrides=list(overrides))
 
 
 def parse_recipe(text: str, where: str = "recipe") -> dict[str, Any]:
-    """The recipe's mapping, read with `yaml.safe_load` (no tags that import code)."""
+    """The recipe's mapping, read with `yaml.safe_load` (no tags that import code), refused when
+    the text or what its aliases expand to is larger than any recipe (see `check_expanded_size`)."""
+    if len(text) > MAX_RECIPE_CHARS:
+        raise AgecliError(f"{where} is {len(text)} characters long; a recipe is at most {MAX_RECIPE_CHARS}. "
+                          "Is it the right file?")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise AgecliError(f"{where} is not valid YAML: {exc}. Recipes are plain YAML (no !tags).") from None
+    except RecursionError:
+        raise AgecliError(f"{where} nests too deeply to be a recipe.") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise AgecliError(f"{where} must be a mapping with one section per stage "
                           f"({', '.join(STAGE_KINDS)}), not a {type(data).__name__}.")
+    check_expanded_size(data, where)
     return data
 
 
+def check_expanded_size(data: Any, where: str) -> None:
+    """Refuse a recipe whose values, with every alias expanded, exceed MAX_RECIPE_VALUES: YAML
+    aliases make a few hundred bytes stand for billions of values (or a loop), and every later
+    step (validation, fingerprints, the plan) walks them expanded."""
+    budget, stack = MAX_RECIPE_VALUES, [data]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise AgecliError(f"{where} expands to more than {MAX_RECIPE_VALUES} values (YAML aliases "
+                              "repeating aliases, or one referring to itself); a recipe is far smaller. "
+                              "Write the sections out, or share settings with a few plain anchors.")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 def recipe_dirs() -> list[Path]:
-    """Where bare recipe names are looked up: ./recipes, then the recipes of a source checkout."""
+    """Where bare recipe names are looked up: ./recipes, the recipes of a source checkout, then
+    those an installed wheel carries (copied there by setup.py) and the sample's."""
     package = Path(__file__).resolve().parents[1]
-    return [Path("recipes"), package.parent / "recipes", package / "sample"]
+    return [Path("recipes"), package.parent / "recipes", package / "recipes" / "bundled", package / "sample"]
 
 
 def find_recipe(source: str | Path) -> Path:

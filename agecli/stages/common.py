@@ -30,10 +30,11 @@ from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, load_state, s
 from agecli.modeling.encodings import Encoding
 from agecli.options import TrainOptions
 from agecli.progress import ProgressFn
-from agecli.rundir import Stage, unique_name, write_json
+from agecli.rundir import Stage, check_name, unique_name, write_json
 from agecli.store import FaceStore
 
 MIN_TRAIN_FACES = 16  # fewer training faces than this is a mistake, not an experiment
+MIN_INPUT_SIZE = 16   # smaller inputs leave the backbones' strided stages nothing to see
 
 
 # --------------------------------------------------------------------------- prelude
@@ -58,6 +59,9 @@ def require_faces(count: int, run: Path, store: FaceStore, what: str = "labelled
 
 def input_size(size: int | None, store: FaceStore, arch: str) -> int:
     """The model's input side: `size`, by default the backbone's own, never above the stored faces."""
+    if size is not None and size < MIN_INPUT_SIZE:
+        raise AgecliError(f"--size {size} is too small: models take at least {MIN_INPUT_SIZE} px (e.g. --size 64); "
+                          "leave --size out for the backbone's default.")
     size = size or min(store.size, BACKBONES[arch].default_size)
     if size > store.size:
         raise AgecliError(f"--size {size} is larger than the run's {store.size}px faces; use --size {store.size} "
@@ -67,7 +71,8 @@ def input_size(size: int | None, store: FaceStore, arch: str) -> int:
 
 def output_name(parent: Path, base: str, resume: bool, world: distributed.World) -> str:
     """The folder under `parent` to write: `base` itself when resuming it, else the first free
-    one of base, base2, ... (chosen by rank 0 under torchrun)."""
+    one of base, base2, ... (chosen by rank 0 under torchrun). `base` must be a plain name."""
+    base = check_name(base)
     if resume:
         if not (parent / base / "last.pt").exists():
             runs = sorted(p.name for p in parent.glob("*")) if parent.is_dir() else "none"

@@ -20,8 +20,10 @@ from agecli.engine.metrics import score
 from agecli.errors import AgecliError
 from agecli.labels import GENDER_NAMES, group_of_age
 from agecli.modeling.checkpoint import load_checkpoint
-from agecli.rundir import Stage, resolve_run, write_csv, write_json
-from agecli.store import FaceStore
+from agecli.modeling.zoo import resolve_checkpoint
+from agecli.device import require_device
+from agecli.rundir import Stage, check_name, resolve_run, write_csv, write_json
+from agecli.store import SPLITS, FaceStore
 
 RACE_NAMES = {0: "white", 1: "black", 2: "asian", 3: "indian", 4: "other"}
 
@@ -65,7 +67,7 @@ def _model_name(model_path) -> str:
     return f"{path.parent.name}-{path.stem}" if path.stem in ("best", "last") else path.stem
 
 
-def evaluate(model_path, run=None, split: str = "test", *, device: str = "cpu", batch_size: int = 256,
+def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto", batch_size: int = 256,
              name: str | None = None, progress=None) -> dict[str, Any]:
     """Score a checkpoint on a split of a run (`all` = every labelled face): the `agecli eval` stage.
 
@@ -78,9 +80,17 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "cpu", 
     on an ages run is scored on the groups of the true ages (exact / 1-off), and its MAE
     (group midpoints vs true ages) is reported with a warning.
     """
+    if batch_size < 1:
+        raise AgecliError(f"--batch-size {batch_size}: give 1 or more faces per forward pass (e.g. 256).")
+    if split not in (*SPLITS, "all"):
+        raise AgecliError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all.")
+    name = check_name(name or _model_name(model_path) + ("" if split == "test" else f"-{split}"),
+                      "--name" if name else "the eval folder name (from the model path; pass --name)")
+    device = require_device(device)
     run = resolve_run(run)
+    Stage(run, "eval", name).check()  # a folder that is not agecli's, or in use: said before predicting
     store = FaceStore.open(run)
-    model, spec = load_checkpoint(model_path, device)
+    model, spec = load_checkpoint(resolve_checkpoint(model_path), device)
     rec = store.records
     has_groups = bool((rec["group"] >= 0).any())
     if not store.has_ages and not has_groups:
@@ -111,7 +121,6 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "cpu", 
                         "compares group midpoints with exact ages.")
     metrics = score(frame)
     bias = breakdown(frame)
-    name = name or _model_name(model_path) + ("" if split == "test" else f"-{split}")
     args = {"model": str(model_path), "split": split, "device": device, "batch_size": batch_size}
     with Stage(run, "eval", name, args=args,
                inputs={"model_fingerprint": spec.data_fingerprint, "arch": spec.arch}) as stage:

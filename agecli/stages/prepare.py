@@ -39,7 +39,8 @@ from agecli.errors import AgecliError
 from agecli.labels import GROUP_NAMES
 from agecli.options import PrepareOptions
 from agecli.progress import ProgressFn
-from agecli.rundir import Stage, atomic_path, fingerprint_listing, read_json, runs_root, write_csv, write_text
+from agecli.rundir import (Stage, atomic_path, check_run_dir, fingerprint_listing, read_json, runs_root, write_csv,
+                           write_text)
 from agecli.store import RECORD_COLUMNS, Alignment
 
 # images per resumable chunk, by detector: detection is slow, resizing a crop is not
@@ -71,14 +72,18 @@ def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None
                              device=device, workers=workers, limit=limit, shard=shard, strict=strict, seed=seed,
                              val_fraction=val_fraction, test_fraction=test_fraction, max_side=max_side,
                              min_score=min_score)
-    _check_machine(options)
-    run = Path(run) if run is not None else runs_root() / dataset
+    options.device = _check_machine(options)
+    run = check_run_dir(run if run is not None else runs_root() / dataset)
+    shard_index, shard_count = options.shard_slot()
+    lock_key = f"shard{shard_index + 1}of{shard_count}" if shard is not None else None  # shards run side by side
+    Stage(run, "prepare", lock_key=lock_key).check()  # refuse a second writer now, not after listing the dataset
     plan = _plan(dataset, Path(root), spec, options)
     if shard is None and (done := _already_prepared(run, plan.key)) is not None:
         return done
+    _refuse_orphaning_models(run, plan.key)
     inputs = {"root": str(plan.root.resolve()), "listing": plan.listing, "samples": len(plan.samples)}
     args = dict(dataset=dataset, root=str(plan.root), **options.to_dict())
-    with Stage(run, "prepare", args=args, inputs=inputs) as stage:
+    with Stage(run, "prepare", args=args, inputs=inputs, lock_key=lock_key) as stage:
         stage.set(work_key=plan.key, dataset=dataset, alignment=plan.alignment.to_dict())
         work = _work_folder(stage.dir, plan.key, keep_others=shard is not None)
         contents, hash_rejects = _hash_files(plan.parsed.image_root, plan.samples)
@@ -122,13 +127,35 @@ class _Plan:
         return CHUNK_SIZES[self.options.detector]
 
 
-def _check_machine(options: PrepareOptions) -> None:
-    """What the options cannot check alone: the template's name, and a GPU for --device cuda."""
+def _check_machine(options: PrepareOptions) -> str:
+    """What the options cannot check alone: the template's name, and a GPU for --device cuda.
+    Returns the device to use (`auto` resolved)."""
     if options.detector == "mtcnn":
         from agecli.data.faces import template_points
 
         template_points(options.template)  # unknown template -> error before any work
-    require_device(options.device)
+    return require_device(options.device) if options.detector == "mtcnn" else "cpu"
+
+
+def _refuse_orphaning_models(run: Path, key: str) -> None:
+    """Re-preparing a run with other settings would replace the faces its models were trained and
+    scored on; refuse while the run holds models (a new --run keeps both)."""
+    previous = run / "prepare" / "manifest.json"
+    if not previous.exists():
+        return
+    try:
+        old = read_json(previous)
+    except AgecliError:
+        return
+    if old.get("status") != "complete" or old.get("work_key") in (None, key):
+        return
+    models = sorted(str(p.parent.relative_to(run)) for kind in ("train", "distill")
+                    for p in (run / kind).glob("*/manifest.json"))
+    if models:
+        shown = ", ".join(models[:4]) + (", ..." if len(models) > 4 else "")
+        raise AgecliError(f"run {run} was prepared with other settings and holds models trained on those faces "
+                          f"({shown}); re-preparing would replace the faces they describe. Prepare into a new "
+                          "--run, or repeat the settings of the earlier prepare (see its manifest's args).")
 
 
 def _plan(dataset: str, root: Path, spec: DatasetSpec, options: PrepareOptions) -> _Plan:
@@ -306,14 +333,18 @@ def assign_splits(samples: list[Sample], contents: dict[str, str], *, seed: int,
 
 # --------------------------------------------------------------------------- hashing
 def _hash_files(image_root: Path, samples: list[Sample]) -> tuple[dict[str, str], list[dict]]:
+    """sha1 of each sample's bytes; files that cannot be read (a named pipe, a device, one over
+    the size limit, a permission error) become rejects instead."""
+    from agecli.data.faces import ImageError, read_file_bytes
+
     contents, rejects = {}, []
     for s in samples:
         if s.path in contents:
             continue
         try:
-            contents[s.path] = hashlib.sha1((image_root / s.path).read_bytes()).hexdigest()
-        except OSError as exc:
-            rejects.append(dict(path=s.path, reason="unreadable", detail=f"{exc.__class__.__name__}"))
+            contents[s.path] = hashlib.sha1(read_file_bytes(image_root / s.path)).hexdigest()
+        except ImageError as exc:
+            rejects.append(dict(path=s.path, reason=exc.reason, detail=exc.detail))
     return contents, rejects
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from agecli.cli.params import complete_devices, plain
 
 
 def _num(value, digits: int = 2) -> str:
@@ -89,6 +92,16 @@ def register(app: typer.Typer) -> None:
     app.command("bench", help=HELP)(bench_command)
 
 
+# agecli.stages.bench.BACKENDS, named here so that --help needs no torch (tests/test_hardening.py checks them)
+BackendChoice = enum.Enum("BackendChoice", {b: b for b in ("eager", "compile", "onnxruntime")}, type=str)
+
+
+def _complete_corruptions(incomplete: str) -> list[str]:
+    from agecli.data.corruptions import CORRUPTIONS
+
+    return [c for c in CORRUPTIONS if c.startswith(incomplete)]
+
+
 HELP = """Compare every model of a run in one table: error, size, FLOPs, speed, memory.
 
 Default models: RUN/train/*/best.pt (teachers), RUN/distill/*/*.pt (students) and the CC0 dlib
@@ -118,24 +131,28 @@ JSON_KEYS = ("run", "device", "threads", "machine", "timing", "accuracy", "accur
 
 def bench_command(
     run: Optional[Path] = typer.Option(None, "--run", help="run directory [default: the latest under runs/]"),
-    models: Optional[List[str]] = typer.Option(None, "--models", "-m",
+    models: Optional[List[str]] = typer.Option(None, "--models",
                                                help="checkpoint(s) to bench instead of the run's (repeat; "
-                                                    "'dlib-age' adds the reference model)"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+                                                    "'dlib-age' adds the reference model) [default: the run's]"),
+    device: str = typer.Option("cpu", autocompletion=complete_devices,
+                               help="cpu | cuda | cuda:N: the device is what bench measures, so it is never "
+                                    "guessed (no auto)"),
     corruptions: bool = typer.Option(False, "--corruptions", help="ImageNet-C: MAE per corruption and severity, mCE"),
-    corruption: Optional[List[str]] = typer.Option(None, "--corruption",
+    corruption: Optional[List[str]] = typer.Option(None, "--corruption", autocompletion=_complete_corruptions,
                                                    help="only these corruptions or families (repeat) [default: all 15]"),
     severities: str = typer.Option("1,2,3,4,5", help="comma-separated severities for --corruptions"),
-    corruption_limit: int = typer.Option(500, help="test faces corrupted (evenly spaced; 0 = all)"),
-    threads: Optional[int] = typer.Option(None, help="torch / onnxruntime CPU threads [default: torch's]"),
+    corruption_limit: int = typer.Option(500, min=1, help="test faces corrupted, evenly spaced (a number above "
+                                                          "the test split takes them all)"),
+    threads: Optional[int] = typer.Option(None, min=1, max=1024,
+                                          help="torch / onnxruntime CPU threads [default: torch's]"),
     batch_sizes: str = typer.Option("1,32", help="latency batch, throughput batch"),
-    backend: Optional[List[str]] = typer.Option(None, "--backend", "-b",
-                                                help="eager | compile | onnxruntime (repeat) [default: eager and "
+    backend: Optional[List[BackendChoice]] = typer.Option(None, "--backend", "-b",
+                                                help="the runtimes to time (repeat) [default: eager and "
                                                      "onnxruntime; compile takes minutes on CPU]"),
     no_reference: bool = typer.Option(False, "--no-reference", help="leave out the dlib-age reference row"),
-    warmup: int = typer.Option(10, help="untimed calls before timing"),
-    repeats: int = typer.Option(50, help="timed calls at the latency batch"),
-    seed: int = typer.Option(0, help="seed of the corruptions"),
+    warmup: int = typer.Option(10, min=0, help="untimed calls before timing"),
+    repeats: int = typer.Option(50, min=1, help="timed calls at the latency batch"),
+    seed: int = typer.Option(0, min=0, help="seed of the corruptions"),
     as_json: bool = typer.Option(False, "--json", help="print the table as one JSON object"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
@@ -146,7 +163,8 @@ def bench_command(
         results = bench(run, models=models, device=device, corruptions=corruptions,
                         severities=_ints(severities, "severities"), corruption_names=corruption or None,
                         corruption_limit=corruption_limit, threads=threads,
-                        batch_sizes=_ints(batch_sizes, "batch-sizes"), backends=tuple(backend or DEFAULT_BACKENDS),
+                        batch_sizes=_ints(batch_sizes, "batch-sizes"),
+                        backends=tuple(plain(backend) if backend else DEFAULT_BACKENDS),
                         include_reference=not no_reference, warmup=warmup, repeats=repeats, seed=seed,
                         progress=progress)
     if as_json:

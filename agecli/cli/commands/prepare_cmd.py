@@ -5,18 +5,20 @@ No `from __future__ import annotations` here: the `Annotated` help of DATASET na
 datasets, a local of `register`, which a string annotation could not see."""
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 from agecli.cli.commands import emit_json
-from agecli.options import PrepareOptions
+from agecli.cli.params import complete_devices
+from agecli.options import DETECTORS, MAX_SIZE, MIN_SIZE, PrepareOptions
 
 
 def register(app: typer.Typer) -> None:
     from agecli.data.datasets import DATASETS
 
     names = ", ".join(DATASETS)
+    dataset_choice = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
 
     @app.command("prepare", help=f"""Detect, align, label and split the faces of a dataset into RUN/prepare/.
 
@@ -32,23 +34,31 @@ Examples:
 
 Re-running resumes: finished chunks are kept and the result is identical.""")
     def prepare_command(
-        dataset: Annotated[str, typer.Argument(help=f"dataset layout: {names}")],
+        dataset: Annotated[dataset_choice, typer.Argument(help="the dataset's layout")],
         root: Annotated[Path, typer.Option("--root", help="folder (or CSV file for `csv`) holding the dataset")],
         run: Annotated[Optional[Path], typer.Option("--run", help="run directory [default: runs/<dataset>]")] = None,
-        size: Annotated[int, typer.Option(help="side of the aligned face crops, pixels")] = PrepareOptions.size,
+        size: Annotated[int, typer.Option(min=MIN_SIZE, max=MAX_SIZE, help="side of the aligned face crops, pixels")]
+        = PrepareOptions.size,
         margin: Annotated[float, typer.Option(help="context around the landmark template (0.4 = 40% more)")]
         = PrepareOptions.margin,
-        template: Annotated[str, typer.Option(help="5-point template: arcface5 or utkface_chip")]
+        template: Annotated[str, typer.Option(
+            autocompletion=lambda incomplete: [t for t in ("arcface5", "utkface_chip") if t.startswith(incomplete)],
+            help="5-point template: arcface5 or utkface_chip")]
         = PrepareOptions.template,
-        detector: Annotated[Optional[str], typer.Option(help="mtcnn, or none for already-aligned crops "
-                                                        "[default: none for utkface, else mtcnn]")]
+        detector: Annotated[Optional[Literal[DETECTORS]], typer.Option(  # type: ignore[valid-type]
+            help="mtcnn, or none for already-aligned crops [default: none for utkface, else mtcnn]")]
         = PrepareOptions.detector,
-        device: Annotated[str, typer.Option(help="cpu or cuda (batched detection on the GPU)")] = PrepareOptions.device,
-        workers: Annotated[Optional[int], typer.Option(help="CPU worker processes [default: all cores with mtcnn]")]
+        device: Annotated[str, typer.Option(autocompletion=complete_devices,
+                                            help="where MTCNN runs: auto (cuda when torch sees a GPU, else cpu) | "
+                                                 "cpu | cuda | cuda:N")] = PrepareOptions.device,
+        workers: Annotated[Optional[int], typer.Option(
+            min=0, help="CPU worker processes; 0 detects in this process [default: up to 8 with mtcnn on the CPU]")]
         = PrepareOptions.workers,
-        limit: Annotated[Optional[int], typer.Option(help="only N images, a seeded random sample (quick trials)")]
+        limit: Annotated[Optional[int], typer.Option(
+            min=1, help="only N images, a seeded random sample (quick trials) [default: all]")]
         = PrepareOptions.limit,
-        shard: Annotated[Optional[str], typer.Option(help="I/N: process every N-th chunk starting at I (1-based)")]
+        shard: Annotated[Optional[str], typer.Option(
+            help="I/N: process every N-th chunk starting at I (1-based) [default: all chunks]")]
         = PrepareOptions.shard,
         strict: Annotated[bool, typer.Option("--strict", help="fail if images listed by the dataset are missing")]
         = PrepareOptions.strict,
@@ -57,7 +67,7 @@ Re-running resumes: finished chunks are kept and the result is identical.""")
         = PrepareOptions.val_fraction,
         test_fraction: Annotated[float, typer.Option(help="share for test (no official split)")]
         = PrepareOptions.test_fraction,
-        max_side: Annotated[int, typer.Option(help="longer side images are scaled to for detection")]
+        max_side: Annotated[int, typer.Option(min=32, help="longer side images are scaled to for detection")]
         = PrepareOptions.max_side,
         as_json: Annotated[bool, typer.Option("--json", help="print the results as one JSON object")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from agecli.cli.commands import emit_json
+from agecli.cli.params import complete_devices
 
 
 def register(app: typer.Typer) -> None:
@@ -18,14 +19,15 @@ def register(app: typer.Typer) -> None:
 def run_cmd(
     recipe: str = typer.Argument(..., metavar="RECIPE",
                                  help="A recipe YAML file, or the name of a bundled one (utkface, adience, ...)."),
-    root: Optional[Path] = typer.Option(None, "--root", help="The dataset folder the recipe's prepare stage reads."),
+    root: Optional[Path] = typer.Option(None, "--root", help="The dataset folder the recipe's prepare stage reads "
+                                                             "[default: the recipe's root: key]."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory [default: runs/<recipe name>]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every option and print the plan; run nothing."),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                         help="Override a recipe value: section.key=v, section.ENTRY.key=v "
                                              "(ENTRY: a name or index), or section.key=v for every entry."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan and per-step results as one JSON object."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or status lines."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines."),
     jobs: int = typer.Option(1, "--jobs", min=1, metavar="N",
                              help="Run up to N steps of one section at once, each as a child process logging to "
                                   "RUN/logs/ (for a GPU one small model leaves idle)."),
@@ -92,10 +94,12 @@ def _print_steps(result: dict[str, Any], description: str) -> None:
 
 def quickstart_cmd(
     run: Path = typer.Option(Path("runs/quickstart"), "--run", help="Run directory."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Student epochs [default: the quickstart recipe's]."),
+    device: str = typer.Option("auto", "--device", autocompletion=complete_devices,
+                               help="auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+                                         help="Student epochs [default: the quickstart recipe's]."),
     json_out: bool = typer.Option(False, "--json", help="Print the results (bench table included) as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or status lines."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines."),
 ) -> None:
     """Run the whole pipeline on the photos bundled with agecli, in a couple of minutes, offline.
 

@@ -5,12 +5,12 @@ agecli.options.TrainOptions (see agecli.cli.params)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from agecli.cli.params import (TRAINING, Encoding, Gender, Init, Json, Name, Pretrained, Quiet, Run, Size,
-                               with_options)
+from agecli.cli.params import (TRAINING, Arch, Device, Encoding, Gender, Init, Json, Name, Pretrained, Quiet, Run,
+                               Size, with_options)
 from agecli.options import TrainOptions
 
 TRAIN_HELP = """Train an age model (a teacher, or any model) on a prepared run.
@@ -47,19 +47,21 @@ def register(app: typer.Typer) -> None:
 
 @with_options(TrainOptions, TRAINING, into="options")
 def train_command(
-    arch: Annotated[str, typer.Option("--arch", help="backbone name or alias (see `agecli models`)")],
+    arch: Arch,
     run: Run = None,
     name: Name = None,
     size: Size = None,
     encoding: Encoding = "ldae",
     sigma: Annotated[Optional[float], typer.Option(
-        help="ldae: width of the Gaussian label distribution (years)")] = None,
-    decode: Annotated[Optional[str], typer.Option(help="classification: expected | argmax")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="regression: l1 | l2")] = None,
+        min=0.5, max=30, help="ldae: width of the Gaussian label distribution (years) [default: 2]")] = None,
+    decode: Annotated[Optional[Literal["expected", "argmax"]], typer.Option(
+        help="classification: how outputs become an age [default: expected]")] = None,
+    loss: Annotated[Optional[Literal["l1", "l2"]], typer.Option(help="regression: the loss [default: l1]")] = None,
     gender: Gender = False,
     pretrained: Pretrained = None,
     init: Init = None,
-    fold: Annotated[Optional[int], typer.Option(help="hold out this cross-validation fold as test")] = None,
+    fold: Annotated[Optional[int], typer.Option(
+        help="hold out this cross-validation fold as test [default: none, the run's own test split]")] = None,
     cv: Annotated[bool, typer.Option("--cv", help="train one model per official fold; per-fold and mean+-std")] = False,
     as_json: Json = False,
     quiet: Quiet = False,
@@ -110,11 +112,12 @@ def _print_train(results: dict, quiet: bool) -> None:
 
 
 def eval_command(
-    model: Annotated[Path, typer.Option("--model", "-m", help="agecli checkpoint (.pt)")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="agecli checkpoint (.pt), or default")],
     run: Run = None,
-    split: Annotated[str, typer.Option(help="train | val | test | all (every labelled face)")] = "test",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="faces per forward pass")] = 256,
+    split: Annotated[Literal["train", "val", "test", "all"], typer.Option(
+        help="the split to score; all: every labelled face")] = "test",
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="faces per forward pass")] = 256,
     name: Annotated[Optional[str], typer.Option(
         help="output folder under RUN/eval/ [default: from the model path]")] = None,
     as_json: Json = False,

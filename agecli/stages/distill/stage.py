@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from agecli.device import resolve_device
+from agecli.device import require_device
 from agecli.engine import distributed
 from agecli.engine.loop import InputFn, fit
 from agecli.engine.metrics import age_metrics, score
@@ -66,8 +66,8 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     require_faces(len(rows.train), out_run, store, "training faces")
     enc = build_encoding(encoding)
     size = input_size(size, store, arch)
-    device = resolve_device(options.device)
-    teacher_device = resolve_device(config.teacher_device or device)
+    device = require_device(options.device)
+    teacher_device = require_device(config.teacher_device or device)
     teacher, notes = _bound_teacher(teachers, teacher_specs, teacher_weights, teacher_device, config, store)
     base = name or f"{arch}_from_{teacher.name if teacher else 'labels'}".replace("/", "_")
     name = output_name(out_run / "distill", base, options.resume, world)
