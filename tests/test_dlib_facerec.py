@@ -195,7 +195,7 @@ def test_folding_the_affine_layers_keeps_the_function_and_gives_ordinary_weight_
     x = torch.randn(2, 3, 150, 150, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(folded.embed(x), pretrained.embed(x), rtol=1e-4, atol=1e-5)
-    assert not any(isinstance(m, fr._Affine) for m in folded.modules())
+    assert not any(isinstance(m, fr.DlibAffine) for m in folded.modules())
     stored = [conv.weight.std().item() for conv, _ in pretrained.weight_layers()]
     absorbed = [conv.weight.std().item() for conv, _ in folded.weight_layers()]
     assert max(stored) < 0.02 and min(absorbed) > 5 * min(stored), (stored, absorbed)

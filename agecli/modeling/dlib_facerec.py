@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agecli.errors import AgecliError
+from agecli.modeling.dlib_resnet import DlibAffine
 
 FACEREC_PACKAGE = "face_recognition_models"
 FACEREC_WEIGHTS_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -316,18 +317,6 @@ def read_dlib_net(path: Path | str) -> DlibNet:
 # The network in PyTorch
 
 
-class _Affine(nn.Module):
-    """dlib's affine_ layer (batch norm folded at the end of training), made trainable."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
-
-    def forward(self, x):
-        return x * self.scale + self.offset
-
-
 def add_zero_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """dlib's add_prev: the sum has the larger size in every dimension, and each input adds
     only where it exists (top-left aligned), i.e. both are zero-padded at the end of the
@@ -363,7 +352,7 @@ class _ResidualBlock(nn.Module):
 
 
 def _affine(channels: int, folded: bool) -> nn.Module:
-    return nn.Identity() if folded else _Affine(channels)
+    return nn.Identity() if folded else DlibAffine(channels)
 
 
 def _stage(cin: int, width: int, downs: tuple[bool, ...], folded: bool) -> nn.Sequential:
@@ -417,7 +406,7 @@ class DlibFaceRec(nn.Module):
             raise ValueError("this DlibFaceRec keeps only some stages and has no embedding")
         return self.embedding(self.forward(x))
 
-    def weight_layers(self) -> list[tuple[nn.Conv2d, _Affine]]:
+    def weight_layers(self) -> list[tuple[nn.Conv2d, DlibAffine]]:
         """(conv, affine) pairs in dlib's order, the order the file stores them."""
         pairs = [(self.stem, self.stem_affine)]
         for stage in self.stages:

@@ -54,7 +54,10 @@ def dlib_age_values() -> np.ndarray:
     return np.asarray(manifest["models"]["age"]["age_weights"], dtype=np.float32)
 
 
-class _Affine(nn.Module):
+class DlibAffine(nn.Module):
+    """dlib's affine_ layer (batch norm folded at the end of training): a per-channel scale
+    and offset, here trainable. Shared by both dlib ports (dlib_facerec imports it)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
@@ -72,9 +75,9 @@ class _Block(nn.Module):
         super().__init__()
         self.down = down
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=2 if down else 1, padding=0 if down else 1)
-        self.aff1 = _Affine(cout)
+        self.aff1 = DlibAffine(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.aff2 = _Affine(cout)
+        self.aff2 = DlibAffine(cout)
         self.extra = cout - cin
 
     def forward(self, x):
@@ -104,7 +107,7 @@ class DlibResNet10(nn.Module):
         if set(drop) - set(IDENTITY_BLOCKS):
             raise ValueError(f"only identity blocks {IDENTITY_BLOCKS} can be dropped, not {drop}")
         self.stem = nn.Conv2d(3, 64, 7, stride=2, padding=0)
-        self.stem_aff = _Affine(64)
+        self.stem_aff = DlibAffine(64)
         blocks = [_Block(64, 64, False), _Block(64, 128, True), _Block(128, 128, False),
                   _Block(128, 256, True), _Block(256, 256, False)]
         self.blocks = nn.Sequential(*(nn.Identity() if i in drop else b for i, b in enumerate(blocks)))

@@ -1,4 +1,4 @@
-"""Bring a run's models and records back within the device tool's limits (8 files, 16 MiB each)."""
+"""Bring a run's models and records back from a remote machine in parts of at most 15 MiB (8 files at most)."""
 import io, sys, tarfile
 from pathlib import Path
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
