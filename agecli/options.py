@@ -72,6 +72,8 @@ class TrainOptions:
     channels_last: bool = True           # NHWC memory format; CUDA only
     compile: bool = False                # torch.compile the model (slow start, faster steps)
     augment: bool = True                 # flip, zoom/shift/rotate, colour jitter (agecli.data.Augment)
+    robust_augment: float = 0.0          # share of training faces also degraded (noise, blur, JPEG; AugMix-style mix)
+    labelled_fraction: float = 1.0       # keep the labels of this share of training faces (the same faces in every stage)
     seed: int = 0                        # seeds init, shuffling and augmentation: same seed, same model
     workers: int = 3                     # batches prefetched by the background loader (0 = inline)
     threads: int | None = None           # torch CPU threads (None = torch's default)
@@ -96,6 +98,8 @@ class TrainOptions:
             "val_batch_size": (1, INF, "faces per step when validating"),
             "max_batches": (1, INF, "steps per epoch; leave it out for all"),
             "precise_bn_batches": (0, INF, "batches; 0 keeps the running statistics"),
+            "robust_augment": (0, 1, "the share of training faces degraded by noise, blur or JPEG; 0 = off"),
+            "labelled_fraction": (Above(0), 1, "the share of training faces whose labels are kept; 1 = all"),
         })
         if self.optimizer not in OPTIMIZERS:
             raise AgecliError(f"unknown optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}.")

@@ -11,10 +11,15 @@ Splits are columns, not lists of indices: `split` is the run's default hold-out 
 (train/val/test; val is seeded), `fold` the dataset's cross-validation fold (Adience 0-4,
 FG-NET subject number; -1 where none). Content-identical images share `content` and always
 share a split.
+
+`labelled_fraction` (train, distill) keeps the labels of a fixed share of the training faces:
+`keeps_label` is the one rule, `labelled_subset` and `hide_labels` apply it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +50,7 @@ RECORD_COLUMNS = [
 ]
 
 SPLITS = ("train", "val", "test")
+LABEL_COLUMNS = ("age", "age_std", "gender")   # what an unlabelled face does not know (gender: -1)
 
 
 @dataclass
@@ -163,3 +169,46 @@ def read_records(path: str | os.PathLike) -> pd.DataFrame:
     for column in ("age", "age_std", "score"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     return frame
+
+
+# --------------------------------------------------------------------------- labelled_fraction
+def label_draws(paths) -> np.ndarray:
+    """Each face's fixed number in [0, 1) for `labelled_fraction`: the top 53 bits of the sha256
+    of its record's `path` (the source image, relative to the dataset root).
+
+    A hash of the record, not a seeded draw, so the choice is the same in every stage, seed
+    and process, and after re-preparing at another size or alignment; faces of one image
+    share it, as they share its labels."""
+    return np.array([(int.from_bytes(hashlib.sha256(str(p).encode()).digest()[:8], "big") >> 11) / 2.0 ** 53
+                     for p in paths], dtype=np.float64).reshape(-1)
+
+
+def keeps_label(records: pd.DataFrame, fraction: float) -> np.ndarray:
+    """Per record: whether a run with `labelled_fraction` = fraction keeps its labels (its draw
+    is below the fraction). Nested: the faces kept at 0.1 are kept at 0.2 too; 1 keeps all."""
+    if fraction >= 1:
+        return np.ones(len(records), dtype=bool)
+    return label_draws(records["path"].tolist()) < fraction
+
+
+def labelled_subset(store, rows, fraction: float) -> np.ndarray:
+    """The rows of `rows` (training rows) whose labels `fraction` keeps, in their order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if fraction >= 1:
+        return rows
+    return rows[keeps_label(store.records.iloc[rows], fraction)]
+
+
+def hide_labels(store, rows, fraction: float):
+    """`store` (a FaceStore or a look-alike dataclass) with the labels of the `rows` that
+    `fraction` does not keep made unknown, as an unlabelled face's are; the store itself when
+    every label is kept. Only the records are copied; the faces stay memory-mapped."""
+    rows = np.asarray(rows, dtype=np.int64)
+    hidden = np.setdiff1d(rows, labelled_subset(store, rows, fraction))
+    if not len(hidden):
+        return store
+    records = store.records.copy()
+    for column in LABEL_COLUMNS:
+        position = records.columns.get_loc(column)
+        records.iloc[hidden, position] = -1 if column == "gender" else np.nan
+    return dataclasses.replace(store, records=records)

@@ -93,6 +93,11 @@ TRAINING: dict[str, Any] = {
                                                                    "[default: never]")],
     "augment": Annotated[bool, _option("--augment/--no-augment", panel=_LOOP,
                                        help="flip/zoom/rotate/colour augmentation")],
+    "robust_augment": Annotated[float, _option(panel=_LOOP, help="share of training faces also degraded by noise, "
+                                                                 "blur or JPEG, mixed AugMix-style (0 = off)")],
+    "labelled_fraction": Annotated[float, _option(panel=_LOOP, help="keep the labels of this share of the training "
+                                                                    "faces, the same faces in every stage; distill's "
+                                                                    "teacher labels the rest")],
     "device": Annotated[str, _option(panel=_LOOP, autocompletion=complete_devices,
                                      help="auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N")],
     "amp": Annotated[bool, _option("--amp/--no-amp", panel=_LOOP, help="mixed precision on CUDA")],

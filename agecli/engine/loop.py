@@ -1,9 +1,11 @@
 """The training loop every model of agecli is trained with.
 
     fit(model, spec, store, train_idx, val_idx, out_dir, options, loss_fn=None, make_input=None)
-        seeded AdamW/SGD, cosine schedule with linear warm-up, augmentation on tensors,
+        seeded AdamW/SGD, cosine schedule with linear warm-up, augmentation on tensors
+        (plus noise/blur/JPEG degradation under options.robust_augment, training only),
         AMP + channels_last on CUDA, optional torch.compile, gradient clipping, validation
-        every epoch (MAE picks best.pt and drives early stopping), history.csv +
+        every epoch (val MAE, or the metric a `Monitor` names, picks best.pt and drives early
+        stopping; `validate_fn` can measure something else), history.csv +
         learning_curve.png + best.pt + last.pt (resumable) in out_dir, a time budget.
 
 Its parts, each usable alone: `train_one_epoch` (the steps of one epoch), `validate` (score
@@ -18,7 +20,7 @@ Distributed data parallel comes for free under `torchrun` (see agecli.engine.dis
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agecli.data.batches import Augment, Batch, Batches, to_input
+from agecli.data.batches import Augment, Batch, Batches, degrade, normalise, to_input, to_unit
 from agecli.device import require_device
 from agecli.engine import distributed
-from agecli.engine.checkpointer import Checkpointer, Stateful, rng_state, set_rng_state
+from agecli.engine.checkpointer import Checkpointer, Monitor, Stateful, rng_state, set_rng_state
 from agecli.engine.inference import predict_store
 from agecli.engine.metrics import score
 from agecli.engine.optim import TimeBudget, make_optimizer, make_scheduler
@@ -50,7 +52,8 @@ VAL_COLUMNS = ("mae", "rmse", "cs5", "epsilon_error", "group_exact", "group_1off
 @dataclass(frozen=True)
 class Preprocess:
     """How a batch's uint8 faces become the model's input: its size and normalisation, the
-    device, and the training augmentation (None: none)."""
+    device, the training augmentation (None: none) and the share of faces it also degrades
+    (options.robust_augment, `agecli.data.batches.degrade`; 0: none)."""
 
     size: int
     mean: tuple[float, ...]
@@ -58,6 +61,7 @@ class Preprocess:
     device: str
     augment: Augment | None
     channels_last: bool
+    robust: float = 0.0
 
 
 InputFn = Callable[[Batch, torch.Generator, Preprocess], tuple[Batch, torch.Tensor]]
@@ -66,9 +70,20 @@ know about the input, and the model's input x)."""
 
 
 def plain_input(batch: Batch, generator: torch.Generator, prep: Preprocess) -> tuple[Batch, torch.Tensor]:
-    """The default input function: the faces resized, augmented and normalised."""
-    return batch, to_input(batch.images, prep.size, prep.mean, prep.std, device=prep.device, augment=prep.augment,
-                           generator=generator, channels_last=prep.channels_last)
+    """The default input function: the faces resized, augmented, degraded if asked and normalised."""
+    x01 = to_unit(batch.images, prep.size, device=prep.device, augment=prep.augment, generator=generator)
+    return finish_input(batch, x01, generator, prep)
+
+
+def finish_input(batch: Batch, x01: torch.Tensor, generator: torch.Generator,
+                 prep: Preprocess) -> tuple[Batch, torch.Tensor]:
+    """The augmented [0, 1] crop at the model's size -> the model's input: a `prep.robust`
+    share of faces degraded (`batch.degraded` says which), then normalised. Input functions
+    end here so that the degradation, drawn after the crop, reaches every kind of input."""
+    x01, degraded = degrade(x01, prep.robust, generator)
+    if degraded is not None:
+        batch = replace(batch, degraded=degraded)
+    return batch, normalise(x01, prep.mean, prep.std, channels_last=prep.channels_last)
 
 
 def ground_truth_loss(outputs: dict[str, torch.Tensor], batch: Batch, encoding: Encoding,
@@ -213,6 +228,11 @@ def validate(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, val_idx,
     return score(predict_store(model, spec, store, val_idx, device=device, batch_size=batch_size))
 
 
+ValidateFn = Callable[[torch.nn.Module, ModelSpec, FaceStore, np.ndarray, str, int], dict[str, Any]]
+"""(model, spec, store, val rows, device, batch size) -> val metrics, as `validate`; the
+`Monitor` given to `fit` names the one that picks best.pt."""
+
+
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class _Run:
@@ -231,6 +251,7 @@ class _Run:
     budget: TimeBudget
     images_seen: int = 0
     train_seconds: float = 0.0
+    validate_fn: ValidateFn = validate
 
     @property
     def device(self) -> str:
@@ -239,19 +260,22 @@ class _Run:
 
 def fit(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, train_idx, val_idx, out_dir: Path,
         options: TrainOptions, loss_fn: LossFn | None = None, progress: ProgressFn | None = None, *,
-        make_input: InputFn | None = None, extra_state: dict[str, Stateful] | None = None) -> dict[str, Any]:
+        make_input: InputFn | None = None, extra_state: dict[str, Stateful] | None = None,
+        validate_fn: ValidateFn = validate, monitor: Monitor | None = None) -> dict[str, Any]:
     """Train `model` on store rows `train_idx`, validating on `val_idx` every epoch.
 
     `loss_fn` (default: the encoding's loss, plus gender where the spec has a head) gets the
     model's outputs, the batch and the input; `make_input` (default `plain_input`) turns each
     batch into the model's input and may hand the loss what it needs to know about it.
     `extra_state`: objects whose state last.pt must carry for `options.resume` (a loss with
-    learned parts). Under `options.time_limit` the schedule is shortened after each epoch so
+    learned parts). `validate_fn` (default `validate`) measures the model on `val_idx` and
+    `monitor` (default: lowest "mae") names the metric that picks best.pt and drives early
+    stopping. Under `options.time_limit` the schedule is shortened after each epoch so
     that training ends in time, still finishing its cosine.
 
-    Writes into out_dir (rank 0 only): history.csv, learning_curve.png, best.pt (lowest val
-    MAE; `spec.metrics` holds its val metrics) and last.pt (with the training state, so
-    `options.resume` continues exactly). Returns a results dict.
+    Writes into out_dir (rank 0 only): history.csv, learning_curve.png, best.pt (best
+    monitored value; `spec.metrics` holds its val metrics) and last.pt (with the training
+    state, so `options.resume` continues exactly). Returns a results dict.
     """
     world, device = distributed.setup(require_device(options.device))
     if options.threads:
@@ -270,16 +294,17 @@ def fit(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, train_idx, va
         model = model.to(memory_format=torch.channels_last)
     step = _stepper(model, options, on_cuda, steps)
     budget = TimeBudget(options.time_limit, step.scheduler.lr_lambdas[0], steps)
-    checkpointer = Checkpointer(out_dir, model, spec, options, extra_state)
+    checkpointer = Checkpointer(out_dir, model, spec, options, extra_state, monitor)
     start_epoch = 1
     if options.resume and checkpointer.last_path.exists():
         start_epoch = _resume(checkpointer, step, generator) + 1
         budget.resume(options.epochs)
     step.net = _wrap(model, options, world, device)
     prep = Preprocess(spec.input_size, spec.mean, spec.std, device, Augment() if options.augment else None,
-                      on_cuda and options.channels_last)
+                      on_cuda and options.channels_last, robust=options.robust_augment)
     run = _Run(model, spec, store, train_idx, val_idx, options, world, step,
-               EpochPlan(batches, steps, prep, generator, loss_fn, make_input or plain_input), checkpointer, budget)
+               EpochPlan(batches, steps, prep, generator, loss_fn, make_input or plain_input), checkpointer, budget,
+               validate_fn=validate_fn)
     started = time.perf_counter()
     epoch, stopped_early = start_epoch - 1, False
     while epoch < budget.planned:
@@ -289,8 +314,8 @@ def fit(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, train_idx, va
             break
     distributed.barrier(world)
     if world.distributed:  # ranks > 0 never validated: take rank 0's record of the best epoch
-        checkpointer.best_epoch, checkpointer.best_mae = distributed.broadcast(
-            (checkpointer.best_epoch, checkpointer.best_mae), world)
+        checkpointer.best_epoch, checkpointer.best_value = distributed.broadcast(
+            (checkpointer.best_epoch, checkpointer.best_value), world)
     return _results(run, epoch, start_epoch, stopped_early, time.perf_counter() - started)
 
 
@@ -358,8 +383,8 @@ def _epoch(run: _Run, epoch: int, progress: ProgressFn | None) -> bool:
                           options.val_batch_size)
     metrics: dict[str, Any] = {}
     if world.main and len(run.val_idx):
-        metrics = validate(run.model, run.spec, run.store, run.val_idx, device, options.val_batch_size)
-        row.update({f"val_{k}": v for k, v in metrics.items() if k in VAL_COLUMNS})
+        metrics = run.validate_fn(run.model, run.spec, run.store, run.val_idx, device, options.val_batch_size)
+        row.update({f"val_{k}": v for k, v in metrics.items() if k in VAL_COLUMNS or k == checkpointer.monitor.key})
     row["seconds"] = seconds
     checkpointer.history.append(row)
     checkpointer.walls.append(time.perf_counter() - epoch_started)

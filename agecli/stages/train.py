@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from agecli.engine import distributed
@@ -28,7 +29,7 @@ from agecli.progress import ProgressFn
 from agecli.rundir import Stage, resolve_run, unique_name, write_csv, write_json
 from agecli.stages.common import (input_size, labelled, load_best, model_spec, open_stage, output_name, predict_rows,
                                   require_faces, seeded_model, split_counts, update_best, write_metrics)
-from agecli.store import FaceStore
+from agecli.store import FaceStore, labelled_subset
 
 
 def train(run: str | Path | None = None, *, arch: str, name: str | None = None, size: int | None = None,
@@ -42,9 +43,8 @@ def train(run: str | Path | None = None, *, arch: str, name: str | None = None, 
     run = resolve_run(run)
     store = FaceStore.open(run)
     arch = _check_run(store, run, arch, gender)
-    train_idx, val_idx, test_idx = (labelled(store, store.indices(split, fold)) for split in ("train", "val", "test"))
-    require_faces(len(train_idx), run, store,
-                  "labelled training faces" + ("" if fold is None else f" outside fold {fold}"))
+    train_idx, counts = _training_rows(store, run, fold, options.labelled_fraction)
+    val_idx, test_idx = (labelled(store, store.indices(split, fold)) for split in ("val", "test"))
     if len(val_idx) == 0:
         raise AgecliError(f"run {run} has no labelled validation faces (labelled faces per split: "
                           f"{split_counts(store)}); best.pt and early stopping need them. "
@@ -63,12 +63,25 @@ def train(run: str | Path | None = None, *, arch: str, name: str | None = None, 
     with open_stage(world, run, "train", name, args, {"prepare": spec.data_fingerprint}) as stage:
         results = fit(model, spec, store, train_idx, val_idx, out_dir, options, progress=progress)
         results.update({"run": str(run), "name": name, "dir": str(out_dir), "arch": arch, "input_size": size,
-                        "encoding": enc.to_dict(), "parameters": count_parameters(model), "init": init_info})
+                        "encoding": enc.to_dict(), "parameters": count_parameters(model), "init": init_info,
+                        **counts})
         if world.main:
             results["test"] = _score_on_test(out_dir, store, test_idx, options, progress)
             write_metrics(out_dir, results["val"], results["test"])
             stage.complete(results={k: v for k, v in results.items() if k != "init"})
     return results
+
+
+def _training_rows(store: FaceStore, run: Path, fold: int | None, fraction: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The labelled training rows whose labels `fraction` keeps (`agecli.store.labelled_subset`; train
+    does not use the others), with their counts for the results."""
+    every = labelled(store, store.indices("train", fold))
+    rows = labelled_subset(store, every, fraction)
+    what = ("labelled training faces" + ("" if fold is None else f" outside fold {fold}")
+            + ("" if fraction >= 1 else f" at --labelled-fraction {fraction:g}"))
+    require_faces(len(rows), run, store, what)
+    return rows, {"labelled_fraction": fraction, "labelled_faces": int(len(rows)),
+                  "unlabelled_faces": int(len(every) - len(rows))}
 
 
 def _check_run(store: FaceStore, run: Path, arch: str, gender: bool) -> str:

@@ -102,6 +102,10 @@ def _print(result: dict) -> None:
     console = Console()
     metrics = result["metrics"]
     console.print(result["formula"], highlight=False)
+    if result.get("labelled_fraction", 1.0) < 1:
+        console.print(f"training faces: {result['labelled_faces'] + result['unlabelled_faces']}: "
+                      f"{result['labelled_faces']} labelled, {result['unlabelled_faces']} taught by the teacher only "
+                      f"(--labelled-fraction {result['labelled_fraction']:g})", highlight=False)
     table = Table(title=f"{result['name']} ({metrics.get('split', 'test')} split)")
     for col in ("model", "MAE", "RMSE", "CS5", "ms/face"):
         table.add_column(col)

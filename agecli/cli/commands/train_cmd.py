@@ -108,6 +108,9 @@ def _print_train(results: dict, quiet: bool) -> None:
         line += f", test MAE {test.get('mae', float('nan')):.2f}"
     log(f"{line} in {results['seconds']:.0f} s ({results['train_images_per_s'] or 0:.0f} img/s) -> {results['dir']}",
         quiet)
+    if results.get("labelled_fraction", 1.0) < 1:
+        log(f"trained on {results['labelled_faces']} labelled faces; {results['unlabelled_faces']} left out "
+            f"(--labelled-fraction {results['labelled_fraction']:g})", quiet)
     log(f"next: agecli eval --model {results['best']} --run {results['run']}", quiet)
 
 

@@ -11,8 +11,9 @@ and the input function that shows a teacher the very crop the student sees, e.g.
     hint:    L = 0.5 * gt + 1 * hint                     (FitNets, Romero et al. 2015)
     ordinal: L = 0.5 * gt + 1 * soft + 1 * ordinal       (Zhao et al. 2021)
 
-`pseudo` trains on an unlabelled face set (`--unlabelled RUN`, its labels ignored) together
-with the labelled one, the teacher labelling it; `ordinal` adds a ranking teacher, trained
+`pseudo` trains on an unlabelled face set (`--unlabelled RUN`, its labels ignored, or the
+training faces whose labels `--labelled-fraction` hides) together with the labelled one, the
+teacher labelling it; `ordinal` adds a ranking teacher, trained
 here to put shuffled sequences of k faces back in age order (ListMLE), whose features and
 order the student must reproduce; `soft` then adds the dark knowledge of the classification
 teacher(s) given with --teacher.

@@ -7,6 +7,10 @@
                   cut that crop at a larger teacher's resolution
 
 A feed is called as `feed(batch, x) -> TeacherOutput` (x: the student's input, for its device).
+
+Under options.robust_augment the student's input is also degraded (noise, blur, JPEG; see
+`agecli.data.batches.degrade`) but no teacher ever sees that: the table and the bank hold
+answers on clean crops, and `CropForTeacher` hands a live teacher the clean crop as `batch.view`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from agecli.data.batches import Augment, Batch, draw_augment, normalise, resize, to_input, to_unit
-from agecli.engine.loop import Preprocess, plain_input
+from agecli.data.batches import Augment, Batch, draw_augment, resize, to_unit
+from agecli.engine.loop import Preprocess, finish_input, plain_input
 from agecli.errors import AgecliError
 from agecli.progress import ProgressFn
 from agecli.rundir import atomic_path
@@ -155,13 +159,13 @@ class TeacherViews:
         return view_id, self.params[view_id, self.positions(rows)]
 
     def make_input(self, batch: Batch, generator: torch.Generator, prep: Preprocess) -> tuple[Batch, torch.Tensor]:
-        """fit's input function: each face augmented as one of its stored crops (`batch.view_id`)."""
+        """fit's input function: each face augmented as one of its stored crops (`batch.view_id`),
+        then degraded if asked (the bank's answers stay those on the clean crop)."""
         if prep.augment is None:
             return plain_input(batch, generator, prep)
         view_id, params = self.draw(batch.index, generator)
-        x = to_input(batch.images, prep.size, prep.mean, prep.std, device=prep.device, params=params,
-                     channels_last=prep.channels_last)
-        return replace(batch, view_id=view_id), x
+        x01 = to_unit(batch.images, prep.size, device=prep.device, params=params)
+        return finish_input(replace(batch, view_id=view_id), x01, generator, prep)
 
     def __call__(self, batch, x: torch.Tensor) -> TeacherOutput:
         if batch.view_id is None:
@@ -173,7 +177,8 @@ class TeacherViews:
 class LiveTeacher:
     """Runs the teacher on the student's own augmented batch: the crop at the teacher's
     resolution when fit made one (`batch.view`, see `CropForTeacher`), else the student's
-    input un-normalised back to [0, 1]."""
+    input un-normalised back to [0, 1]. A degraded student input (`batch.degraded`) never
+    reaches the teacher: without the clean view it is an error."""
 
     def __init__(self, teacher: Teacher, mean: Sequence[float], std: Sequence[float]):
         self.teacher, self.mean, self.std = teacher, tuple(mean), tuple(std)
@@ -181,6 +186,9 @@ class LiveTeacher:
     def __call__(self, batch, x: torch.Tensor) -> TeacherOutput:
         if getattr(batch, "view", None) is not None:
             return self.teacher(batch.view).to(x.device)
+        if getattr(batch, "degraded", None) is not None:
+            raise RuntimeError("a live teacher got a degraded student input without its clean crop "
+                               "(fit's make_input must be CropForTeacher under robust_augment)")
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x01 = (x.detach().float() * std + mean).clamp_(0, 1)
@@ -188,19 +196,21 @@ class LiveTeacher:
 
 
 class CropForTeacher:
-    """fit's input function when a live teacher takes a larger input than the student: each face
-    is augmented at `view_size`, that [0, 1] crop goes to the teacher as `batch.view` (the very
-    augmentation the student sees, at the teacher's resolution) and the student gets it downsized."""
+    """fit's input function with a live teacher: when it takes a larger input than the student, or
+    the student's input is degraded (`Preprocess.robust`), each face is augmented at the larger of
+    `view_size` and the student's size, that clean [0, 1] crop goes to the teacher as
+    `batch.view` (the very augmentation the student sees, at the teacher's resolution) and the
+    student gets it downsized, then degraded if asked."""
 
     def __init__(self, view_size: int):
         self.view_size = view_size
 
     def __call__(self, batch: Batch, generator: torch.Generator, prep: Preprocess) -> tuple[Batch, torch.Tensor]:
-        if prep.augment is None or self.view_size <= prep.size:
+        if not prep.robust and (prep.augment is None or self.view_size <= prep.size):
             return plain_input(batch, generator, prep)
-        view = to_unit(batch.images, self.view_size, device=prep.device, augment=prep.augment, generator=generator)
-        x = normalise(resize(view, prep.size), prep.mean, prep.std, channels_last=prep.channels_last)
-        return replace(batch, view=view), x
+        view = to_unit(batch.images, max(self.view_size, prep.size), device=prep.device, augment=prep.augment,
+                       generator=generator)
+        return finish_input(replace(batch, view=view), resize(view, prep.size), generator, prep)
 
 
 def teacher_on(teacher: Teacher, store, indices, device: str, progress: ProgressFn | None) -> TeacherOutput:
