@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -375,7 +376,7 @@ def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
     manifest = json.loads((run / "distill" / again["name"] / "manifest.json").read_text())
     assert manifest["teacher_cache"]["built"] == 0 and manifest["status"] == "complete"
 
-    with pytest.raises(AgecliError, match="hint and ordinal need the teacher live"):
+    with pytest.raises(AgecliError, match="hint needs the teacher.s features live"):
         distill(run, teachers=[str(teacher)], method=["soft", "hint"], size=32, teacher_views=2, options=options)
     with pytest.raises(AgecliError, match="--no-augment"):
         distill(run, teachers=[str(teacher)], size=32, teacher_views=2, options=replace(options, augment=False))
@@ -395,3 +396,29 @@ def test_distill_options_are_one_source_for_keywords_and_validation():
     # distill's keywords are the dataclass's fields: a typo is caught before anything runs
     with pytest.raises(TypeError, match="tempreature"):
         distill(None, tempreature=2.0)
+
+
+def test_a_pretrained_student_sees_its_input_normalised_as_train_gives_it(teacher_setup):
+    """dlib's weights expect (pixel - mean) / 256; fed ImageNet-normalised input (4x the scale)
+    a distilled dlib student started far from its pretrained function, unlike its train twin."""
+    from agecli.modeling.backbones import default_normalisation
+    from agecli.stages.distill.feeds import LiveTeacher
+    from agecli.stages.train import train
+
+    run, teacher = teacher_setup
+    options = TrainOptions(epochs=1, max_batches=1, augment=False, **{**FAST, "batch_size": 16})
+    distilled = distill(run, teachers=[str(teacher)], student="dlib_resnet6", pretrained="dlib", size=32,
+                        method="soft", options=options, name="dlib6_norm")
+    trained = train(run, arch="dlib_resnet6", pretrained="dlib", size=32, options=options, name="dlib6_norm_twin")
+    _, d_spec = load_checkpoint(distilled["checkpoint"])
+    _, t_spec = load_checkpoint(Path(trained["dir"]) / "best.pt")
+    norm = default_normalisation("dlib_resnet6")
+    assert (d_spec.mean, d_spec.std) == (t_spec.mean, t_spec.std) == norm
+
+    # the live teacher un-normalises the student's input with those numbers: it sees the face itself
+    seen = []
+    live = LiveTeacher(lambda x01: seen.append(x01) or TeacherOutput(torch.zeros(len(x01)), torch.zeros(len(x01), 101)), *norm)
+    x01 = torch.rand(2, 3, 32, 32)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+    live(None, (x01 - mean) / std)
+    assert torch.allclose(seen[0], x01, atol=1e-6)

@@ -20,7 +20,7 @@ from agecli.engine.loop import InputFn, fit
 from agecli.engine.metrics import age_metrics, score
 from agecli.engine.timing import time_call
 from agecli.errors import AgecliError
-from agecli.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD, count_parameters, resolve_arch
+from agecli.modeling.backbones import count_parameters, default_normalisation, resolve_arch
 from agecli.modeling.encodings import Encoding, build_encoding
 from agecli.options import DistillOptions, TrainOptions
 from agecli.progress import ProgressFn
@@ -33,7 +33,7 @@ from agecli.stages.distill.ranker import train_rank_teacher
 from agecli.stages.distill.stores import ConcatStore, store_key
 from agecli.stages.distill.student import Student, feature_widths
 from agecli.stages.teachers import Teacher, build_teacher, load_teacher
-from agecli.store import FaceStore
+from agecli.store import FaceStore, hide_labels
 
 
 def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), student: str = "mobilenet",
@@ -57,15 +57,13 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     world = distributed.from_env()
     arch = resolve_arch(student)
     teachers = list(teachers)
-    if "pseudo" in config.method and unlabelled is None:
-        raise AgecliError("--method pseudo needs an unlabelled face set: --unlabelled RUN (a `prepare folder` run, "
-                          "or any run whose labels are ignored).")
-    store, out_run = _open_store(run, unlabelled)
-    _check_request(config, options, teachers, store, out_run)
+    store, out_run = _open_store(run, unlabelled, options.labelled_fraction)
+    _check_request(config, options, teachers, store, out_run, unlabelled is not None)
     rows = _Rows.of(store)
     require_faces(len(rows.train), out_run, store, "training faces")
     enc = build_encoding(encoding)
     size = input_size(size, store, arch)
+    norm = default_normalisation(arch)  # what the student's pretrained weights expect, as in train
     device = require_device(options.device)
     teacher_device = require_device(config.teacher_device or device)
     teacher, notes = _bound_teacher(teachers, teacher_specs, teacher_weights, teacher_device, config, store)
@@ -82,15 +80,16 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     inputs = {"prepare": store_key(store), "teacher": teacher.fingerprint() if teacher else None}
     with open_stage(world, out_run, "distill", name, args, inputs) as stage:
         feeds = _Feeds.build(teacher, store, rows, config, options, out_run / "teacher_cache", teacher_device,
-                             progress)
+                             norm, progress)
         if feeds.cache_record:
             stage.set(teacher_cache=feeds.cache_record)
         if "ordinal" in config.method:
             feeds.add_ranker(rank_teacher, store, rows, out_dir, arch=arch, size=size, pretrained=pretrained,
                              config=config, options=options, progress=progress)
+            stage.set(rank_teacher=feeds.rank_info)
         loss = _loss(config, store, gender, enc, feeds, model, size, rows)
         spec = model_spec("distill", store, out_run, name, arch=arch, encoding=enc, size=size, gender=gender,
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD, fingerprint=store_key(store), args=args,
+                          mean=norm[0], std=norm[1], fingerprint=store_key(store), args=args,
                           init_info=init_info, method=list(config.method), loss=loss.to_dict()["terms"],
                           teachers=teacher.describe() if teacher else None, rank_teacher=feeds.rank_info)
         if world.main:
@@ -101,7 +100,8 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
         results.update({"run": str(out_run), "name": name, "dir": str(out_dir), "student": arch, "input_size": size,
                         "methods": list(config.method), "formula": loss.formula(),
                         "checkpoint": str(out_dir / "best.pt"), "warnings": notes,
-                        "teacher": teacher.describe() if teacher else None})
+                        "teacher": teacher.describe() if teacher else None,
+                        **rows.counts(options.labelled_fraction)})
         if world.main:
             results["metrics"] = _score(out_dir, store, rows, feeds, options, progress)
             results["test"] = _write_metrics(out_dir, results["val"], results["metrics"])["test"]
@@ -119,19 +119,25 @@ def _config(config: DistillOptions | None, settings: dict[str, Any]) -> DistillO
     return replace(config or DistillOptions(), **settings)
 
 
-def _open_store(run, unlabelled) -> tuple[FaceStore | ConcatStore, Path]:
-    """The faces to train on (the labelled run, the unlabelled one, or both) and the run to write into."""
+def _open_store(run, unlabelled, labelled_fraction: float = 1.0) -> tuple[FaceStore | ConcatStore, Path]:
+    """The faces to train on (the labelled run, the unlabelled one, or both) and the run to write into.
+    Below labelled_fraction 1 the training faces it does not keep lose their labels
+    (`agecli.store.hide_labels`): every term sees them, the gt term skips them as unlabelled."""
     base_run = None if run is None and unlabelled is not None else resolve_run(run)
-    labelled_store = FaceStore.open(base_run) if base_run is not None else None
-    if unlabelled is None:
-        return labelled_store, base_run
-    store = ConcatStore.of(labelled_store, FaceStore.open(resolve_run(unlabelled)))
-    return store, base_run or resolve_run(unlabelled)
+    store = FaceStore.open(base_run) if base_run is not None else None
+    if unlabelled is not None:
+        store = ConcatStore.of(store, FaceStore.open(resolve_run(unlabelled)))
+    return hide_labels(store, store.indices("train"), labelled_fraction), base_run or resolve_run(unlabelled)
 
 
-def _check_request(config: DistillOptions, options: TrainOptions, teachers: list[str], store, out_run: Path) -> None:
-    """Refuse what cannot work: nothing to learn from, a method without the teacher it needs,
-    teacher views that would not be used."""
+def _check_request(config: DistillOptions, options: TrainOptions, teachers: list[str], store, out_run: Path,
+                   with_unlabelled_run: bool) -> None:
+    """Refuse what cannot work: nothing to learn from, a method without the teacher or the
+    unlabelled faces it needs, teacher views that would not be used."""
+    if "pseudo" in config.method and not with_unlabelled_run and options.labelled_fraction >= 1:
+        raise AgecliError("--method pseudo needs unlabelled faces: --unlabelled RUN (a `prepare folder` run, or any "
+                          "run whose labels are ignored), or --labelled-fraction below 1 (the training faces whose "
+                          "labels it hides).")
     if not teachers and not store.has_ages:
         raise AgecliError(f"run {out_run} has no age labels and no --teacher was given: there is nothing to learn from. "
                           "Give a teacher (e.g. --teacher dlib-age) or a labelled run.")
@@ -145,15 +151,16 @@ def _check_request(config: DistillOptions, options: TrainOptions, teachers: list
     if config.teacher_views and not options.augment:
         raise AgecliError("--teacher-views stores the teacher's outputs on augmented crops, but --no-augment is "
                           "set (and then the outputs are cached anyway): drop one of the two.")
-    if config.teacher_views and any(m in methods for m in ("hint", "ordinal")):
-        raise AgecliError("--teacher-views stores the teacher's age distributions only, which serve --method soft "
-                          "and pseudo; hint and ordinal need the teacher live: use --teacher-views 0.")
+    if config.teacher_views and "hint" in methods:
+        # ordinal is fine: its ranking teacher runs live on the student's crop, the bank serves the soft term
+        raise AgecliError("--teacher-views stores the teacher's age distributions only, which serve --method soft, "
+                          "pseudo and ordinal; hint needs the teacher's features live: use --teacher-views 0.")
 
 
 @dataclass
 class _Rows:
     train: np.ndarray            # every training face, labelled or not
-    train_labelled: np.ndarray
+    train_labelled: np.ndarray   # those with labels (the ones labelled_fraction keeps; see _open_store)
     val: np.ndarray              # labelled only, as test
     test: np.ndarray
 
@@ -162,6 +169,12 @@ class _Rows:
         train = store.indices("train")
         return cls(train, labelled(store, train), labelled(store, store.indices("val")),
                    labelled(store, store.indices("test")))
+
+    def counts(self, labelled_fraction: float) -> dict[str, Any]:
+        """Training faces for the results: those with labels (the gt term's) and those without (hidden by
+        labelled_fraction or from --unlabelled); the teacher terms see both."""
+        return {"labelled_fraction": labelled_fraction, "labelled_faces": int(len(self.train_labelled)),
+                "unlabelled_faces": int(len(self.train) - len(self.train_labelled))}
 
 
 def _bound_teacher(teachers: list[str], specs, weights, device: str, config: DistillOptions,
@@ -192,12 +205,14 @@ class _Feeds:
     rank_info: dict[str, Any] | None = None
     cache_record: dict[str, Any] | None = None   # for the manifest's "teacher_cache"
     cache_dir: Path | None = None
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # the student's input (mean, std)
 
     @classmethod
     def build(cls, teacher: Teacher | None, store, rows: _Rows, config: DistillOptions, options: TrainOptions,
-              cache_dir: Path, device: str, progress: ProgressFn | None) -> "_Feeds":
+              cache_dir: Path, device: str, norm, progress: ProgressFn | None) -> "_Feeds":
         # cache_dir is content-keyed: students with other seeds or losses share it
-        feeds = cls(teacher, cached=not options.augment, store_size=store.size, device=device, cache_dir=cache_dir)
+        feeds = cls(teacher, cached=not options.augment, store_size=store.size, device=device, cache_dir=cache_dir,
+                    norm=norm)
         if teacher is None:
             return feeds
         if config.teacher_views:
@@ -214,24 +229,32 @@ class _Feeds:
             feeds.teacher_feed = feeds.table
             feeds.cache_record = {"key": feeds.table.key, "hit": feeds.table.hit}
         else:
-            feeds.teacher_feed = LiveTeacher(teacher, IMAGENET_MEAN, IMAGENET_STD)
+            feeds.teacher_feed = LiveTeacher(teacher, *norm)
         return feeds
 
     def add_ranker(self, rank_teacher, store, rows: _Rows, out_dir: Path, *, arch: str, size: int, pretrained,
                    config: DistillOptions, options: TrainOptions, progress: ProgressFn | None) -> None:
-        """The ranking teacher of --method ordinal: the one given, or one trained here first."""
+        """The ranking teacher of --method ordinal: the one given, or one trained here first (from
+        the student's pretrained weights, validated by val rank accuracy, best epoch kept, early
+        stopped; at most --rank-epochs, else the student's epochs). `rank_info` carries its
+        val rank accuracy, best and per epoch."""
         rank_path = Path(rank_teacher) if rank_teacher else None
         if rank_path is None:
-            rank_options = replace(options, epochs=config.rank_epochs or options.epochs, resume=False)
+            # the ranker is the paper's: trained on clean faces even when the student's are degraded
+            rank_options = replace(options, epochs=config.rank_epochs or options.epochs, resume=False,
+                                   robust_augment=0.0)
             rank_path = train_rank_teacher(store, rows.train_labelled, rows.val, out_dir / "rank_teacher", arch=arch,
                                            size=size, k=config.rank_k, options=rank_options, pretrained=pretrained,
                                            alignment=store.manifest.get("alignment"), progress=progress)
         ranker = load_teacher(str(rank_path), device=self.device, half=config.teacher_half)
         ranker.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset, recrop=config.recrop)
-        self.rank_info = {"path": str(rank_path), "metrics": ranker.spec.metrics, "fingerprint": ranker.fingerprint()}
+        metrics = ranker.spec.metrics or {}
+        self.rank_info = {"path": str(rank_path), "val_rank_accuracy": metrics.get("rank_accuracy"),
+                          "val_rank_accuracy_per_epoch": [h["rank_accuracy"] for h in metrics.get("history", [])],
+                          "metrics": metrics, "fingerprint": ranker.fingerprint()}
         self.rank_feed = (TeacherTable(ranker, store, rows.train, self.cache_dir, device=self.device,
                                        progress=progress)
-                          if self.cached else LiveTeacher(ranker, IMAGENET_MEAN, IMAGENET_STD))
+                          if self.cached else LiveTeacher(ranker, *self.norm))
 
     @property
     def view_size(self) -> int | None:
@@ -269,7 +292,8 @@ def _loss(config: DistillOptions, store, gender: bool, enc: Encoding, feeds: _Fe
     if "ordinal" in methods:
         terms.append(("ordinal", config.ordinal_weight, {}))
     if "hint" in methods:
-        widths = feature_widths(model, feeds.teacher, store, rows.train[:4], size, config.student_layer)
+        widths = feature_widths(model, feeds.teacher, store, rows.train[:4], size, config.student_layer,
+                                feeds.norm)
         if widths["teacher_dim"] is None:
             raise AgecliError(f"--method hint needs teacher features, but {feeds.teacher.name} exposes none "
                               "(ONNX teachers: name a tensor with features=... in --teacher-spec).")

@@ -11,7 +11,6 @@ from torch import nn
 
 from agecli.data.batches import to_input, to_nchw_unit
 from agecli.errors import AgecliError
-from agecli.modeling.backbones import IMAGENET_MEAN, IMAGENET_STD
 from agecli.stages.distill.losses import DistillLoss
 from agecli.stages.teachers import Teacher
 
@@ -59,11 +58,11 @@ class Student(nn.Module):
 
 @torch.inference_mode()
 def feature_widths(model: nn.Module, teacher: Teacher | None, store, rows, size: int,
-                   student_layer: str | None) -> dict[str, Any]:
+                   student_layer: str | None, norm) -> dict[str, Any]:
     """Feature widths of student (pooled or a named layer) and teacher, from two faces: the
     shape of the hint adapter."""
     images = torch.from_numpy(np.ascontiguousarray(store.images[np.sort(rows[:2])]))
-    x = to_input(images, size, IMAGENET_MEAN, IMAGENET_STD)
+    x = to_input(images, size, *norm)
     was = model.training
     model.eval()
     wrapped = Student(model, DistillLoss([]), layer=student_layer)
