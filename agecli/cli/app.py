@@ -149,8 +149,10 @@ def main() -> None:
         code = app(standalone_mode=False)
     except AgecliError as exc:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escaped: rich would drop a message's own [brackets] as markup
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         _interrupted()

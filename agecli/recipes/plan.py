@@ -159,7 +159,14 @@ def _check_arch(value: Any) -> None:
     resolve_arch(value)
 
 
-# Values a dry run can check without running anything: names looked up in the registries.
+def _check_claims(value: Any) -> None:
+    from agecli.stages.claims import check_claims
+
+    check_claims(value)
+
+
+# Values a dry run can check without running anything: names looked up in the registries,
+# and the report's paper claims (keys, selectors, metric names).
 VALUE_CHECKS: dict[tuple[str, str], Callable[[Any], None]] = {
     ("prepare", "dataset"): _check_name("agecli.data.datasets", "DATASETS"),
     ("train", "arch"): _check_arch,
@@ -170,6 +177,7 @@ VALUE_CHECKS: dict[tuple[str, str], Callable[[Any], None]] = {
     ("distill", "encoding"): _check_name("agecli.modeling.encodings", "ENCODINGS"),
     ("distill", "method"): _check_name("agecli.options", "METHODS"),
     ("bench", "backends"): _check_name("agecli.stages.bench", "BACKENDS"),
+    ("report", "claims"): _check_claims,
 }
 
 

@@ -9,6 +9,13 @@ table, student/teacher speed-ups, robustness summary, its PNGs), plus the seed g
 (models that differ only in their seed, with their spread; `final_maes` is the one reader of
 a stage's metrics.json). Stages that are missing or not complete are listed as such. Images are linked with paths relative to the run, so the
 folder can be moved or zipped as a whole.
+
+    write_report(run, paper="Antipov et al. 2017", claims=[{claim, paper, better, worse, metric}, ...])
+
+adds, first, the paper's claims against the run (agecli.stages.claims: each side's mean over
+its seeds, the difference, the seed spread, a verdict; or a plain table of models), also
+written to RUN/claims.json. Called without `claims`, the report shows the claims last given
+(RUN/claims.json), so `agecli report` and the report `agecli bench` writes keep the section.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from agecli.errors import AgecliError
 from agecli.rundir import read_json, resolve_run, write_text
+from agecli.stages.claims import evaluate_claims, fmt_number, model_config, saved_claims
 
 
 def _fmt(value: Any) -> str:
@@ -92,10 +101,6 @@ def _stage_section(run: Path, folder: Path, title: str) -> list[str]:
     return out
 
 
-# options that decide where and how fast a model trains, not which model it becomes
-RUNTIME_OPTIONS = ("device", "threads", "workers", "resume", "val_batch_size")
-
-
 def final_maes(stage_dir: Path) -> tuple[float | None, float | None]:
     """(val MAE, test MAE) of a stage's final model, from its metrics.json
     ({"val": {...}, "test": {...}, ...} for train and distill alike)."""
@@ -107,17 +112,12 @@ def final_maes(stage_dir: Path) -> tuple[float | None, float | None]:
 def _seed_member(manifest_path: Path, stage: str) -> tuple[str, dict[str, Any]] | None:
     """(what the model's configuration is, without its seed and runtime options; its seed and
     MAEs) for a complete stage, else None."""
-    manifest = read_json(manifest_path)
-    if manifest.get("status") != "complete" or not isinstance(manifest.get("args"), dict):
+    config = model_config(read_json(manifest_path))
+    if config is None:
         return None
-    args = {k: v for k, v in manifest["args"].items() if k != "name"}
-    options = {k: v for k, v in (args.get("options") or {}).items() if k not in RUNTIME_OPTIONS}
-    seed = options.pop("seed", None)
-    args["options"] = options
     val_mae, test_mae = final_maes(manifest_path.parent)
-    key = stage + json.dumps(args, sort_keys=True, default=str)
-    return key, {"stage": stage, "name": manifest_path.parent.name, "seed": seed,
-                 "val_mae": val_mae, "test_mae": test_mae}
+    return stage + config[0], {"stage": stage, "name": manifest_path.parent.name, "seed": config[1],
+                               "val_mae": val_mae, "test_mae": test_mae}
 
 
 def seed_groups(run: str | os.PathLike | None = None) -> list[dict[str, Any]]:
@@ -146,10 +146,15 @@ def _seed_row(members: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the report
-def write_report(run: str | os.PathLike | None = None) -> Path:
-    """Write RUN/report.md from every stage present in the run; returns its path."""
+def write_report(run: str | os.PathLike | None = None, *, paper: str | None = None,
+                 claims: list[dict[str, Any]] | None = None) -> Path:
+    """Write RUN/report.md from every stage present in the run; returns its path.
+
+    `paper`: the paper's title; `claims`: what it claims, checked against the run (see
+    agecli.stages.claims; None = the claims last given, from RUN/claims.json)."""
     run = resolve_run(run)
     lines = [f"# agecli report: {run.name}\n", f"Run directory: `{run}`\n"]
+    lines += _claims_section(run, paper, claims)
     lines += _prepare_section(run)
     for number, stage, title in ((2, "train", "Trained models"), (3, "distill", "Distilled students"),
                                  (4, "eval", "Evaluations")):
@@ -256,3 +261,85 @@ def _bench_setting(data: dict[str, Any]) -> str:
             f"{timing.get('repeats')} calls at batch {timing.get('batch_sizes', [1])[0]} after {timing.get('warmup')} "
             f"warm-up calls ({timing.get('clock')}); throughput at batch {timing.get('batch_sizes', [0])[-1]}. "
             f"Memory: {', '.join(timing.get('memory', []))}.\n\n")
+
+
+# --------------------------------------------------------------------------- the paper's claims
+def _claims_section(run: Path, paper: str | None, claims: list[dict[str, Any]] | None) -> list[str]:
+    """The paper's claims against this run (first: it is what a reproduction is read for)."""
+    if claims is None:
+        return _saved_claims_section(run, paper)
+    return _render_claims(paper, evaluate_claims(run, claims, paper)["results"])
+
+
+def _saved_claims_section(run: Path, paper: str | None) -> list[str]:
+    """The claims last given (RUN/claims.json), evaluated again. A file that no longer reads or
+    validates is said so rather than failing the report (`agecli bench` writes one at its end)."""
+    try:
+        saved = saved_claims(run)
+        if saved is None:
+            return []
+        paper = paper or saved[0]
+        results = evaluate_claims(run, saved[1], paper)["results"]
+    except AgecliError as exc:
+        return ["\n## Paper\n", f"_The claims in claims.json were not evaluated: {exc}_\n"]
+    return _render_claims(paper, results)
+
+
+CLAIMS_NOTE = ("Each claim of the paper against this run. Our figure is the mean over a selector's models "
+               "(its seeds) with their range; the claim is **reproduced** when the claimed-better side wins "
+               "by more than the seed spread (the larger of the two ranges), **not reproduced** when the other "
+               "side does, **within noise** otherwise. Difference = better - worse.\n\n")
+COMPARISON_COLUMNS = ["claim", "paper", "metric", "better (ours)", "worse (ours)", "difference", "seed spread",
+                      "verdict"]
+
+
+def _render_claims(paper: str | None, results: list[dict[str, Any]]) -> list[str]:
+    if not results and not paper:
+        return []
+    lines = [f"\n## Paper: {paper}\n" if paper else "\n## Paper\n"]
+    if not results:
+        lines.append("_no claims given (`report: {claims: [...]}` in the recipe)._\n")
+    comparisons = [r for r in results if r["kind"] == "comparison"]
+    if comparisons:
+        lines += [CLAIMS_NOTE, md_table([_comparison_row(r) for r in comparisons], COMPARISON_COLUMNS)]
+    for result in results:
+        if result["kind"] == "table":
+            lines += _claim_table(result)
+    return lines + ["\nThe same as JSON: `claims.json`.\n"] if results else lines
+
+
+def _comparison_row(result: dict[str, Any]) -> dict[str, Any]:
+    direction = "higher" if result["higher_is_better"] else "lower"
+    verdict = result["verdict"] + (f" ({result['note']})" if result["note"] else "")
+    metric = result["metric"] + (f", {result['backend']} backend" if result["backend"] else "")
+    scale = max(abs(result[side].get("mean") or 0) for side in ("better", "worse"))
+    return {"claim": result["claim"], "paper": result["paper"], "metric": f"{metric} ({direction} is better)",
+            "better (ours)": f"{result['better']['selector']}: {result['better']['text']}",
+            "worse (ours)": f"{result['worse']['selector']}: {result['worse']['text']}",
+            "difference": fmt_number(result["difference"], signed=True, scale=scale),
+            "seed spread": fmt_number(result["spread"], scale=scale),
+            "verdict": verdict}
+
+
+def _claim_table(result: dict[str, Any]) -> list[str]:
+    """A models: claim as its own table: one row per selector, one column per metric."""
+    lines = [f"\n### {result['claim']}\n"]
+    if result["paper"]:
+        lines.append(f"Paper: {result['paper']}\n\n")
+    labels = dict(result["labels"])
+    if "ms" in labels and result["latency_batch"] is not None:
+        labels["ms"] = f"ms (batch {result['latency_batch']})"
+    speedup = f"speed-up over {result['reference']}" if result["reference"] else None
+    columns = ["model", *(labels[m] for m in result["metrics"]), *([speedup] if speedup else [])]
+    rows = []
+    for row in result["rows"]:
+        cells = {"model": row["selector"], **{labels[m]: row["metrics"][m]["text"] for m in result["metrics"]}}
+        if speedup:
+            cells[speedup] = f"{row['speedup']:.2f}x" if row["speedup"] is not None else row["speedup_missing"]
+        rows.append(cells)
+    notes = [f"Latency and memory: the {result['backend']} backend." if result["backend"] else
+             "Bench figures: each model's first benched backend."]
+    if speedup:
+        notes.append(f"Speed-up: the reference's latency / the model's, both at batch {result['latency_batch']} "
+                     "in the same bench.")
+    return lines + [md_table(rows, columns), "\n" + " ".join(notes) + "\n"]
