@@ -1,6 +1,6 @@
 """The three papers' recipes run end to end on a small slice of real UTKFace faces: every
 step completes, and the report carries the paper's claims with a verdict for each (no
-claim left 'not run yet'), as the full runs in docs/results.md do."""
+claim left 'not run yet'). The full-size runs and their verdicts: docs/results.md."""
 
 from __future__ import annotations
 
