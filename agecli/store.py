@@ -207,8 +207,14 @@ def hide_labels(store, rows, fraction: float):
     hidden = np.setdiff1d(rows, labelled_subset(store, rows, fraction))
     if not len(hidden):
         return store
-    records = store.records.copy()
+    return dataclasses.replace(store, records=unlabel(store.records, hidden))
+
+
+def unlabel(records: pd.DataFrame, rows=None) -> pd.DataFrame:
+    """A copy of `records` whose `rows` (positions; None = all) know no labels, as an unlabelled
+    face's: age and age_std NaN, gender -1. The one home of that convention."""
+    records = records.copy()
+    rows = np.arange(len(records)) if rows is None else np.asarray(rows, dtype=np.int64)
     for column in LABEL_COLUMNS:
-        position = records.columns.get_loc(column)
-        records.iloc[hidden, position] = -1 if column == "gender" else np.nan
-    return dataclasses.replace(store, records=records)
+        records.iloc[rows, records.columns.get_loc(column)] = -1 if column == "gender" else np.nan
+    return records

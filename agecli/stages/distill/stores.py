@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from agecli.errors import AgecliError
-from agecli.store import FaceStore
+from agecli.store import LABEL_COLUMNS, FaceStore, unlabel
 
 
 class _ConcatImages:
@@ -58,15 +58,12 @@ class ConcatStore:
 
     @classmethod
     def of(cls, labelled: FaceStore | None, unlabelled: FaceStore) -> "ConcatStore":
-        hidden = unlabelled.records.copy()
-        for col in ("age", "age_std"):
-            hidden[col] = np.nan
-        hidden["gender"] = -1
+        hidden = unlabel(unlabelled.records)
         if labelled is None:
             # the unlabelled run alone: train on its train split, label-free; its val/test keep their
             # labels so the student can still be scored (they are never trained on)
             keep = unlabelled.records["split"] != "train"
-            for col in ("age", "age_std", "gender"):
+            for col in LABEL_COLUMNS:
                 hidden.loc[keep, col] = unlabelled.records.loc[keep, col]
             return cls(unlabelled.root, unlabelled.images, hidden.reset_index(drop=True), unlabelled.manifest,
                        [(str(unlabelled.root.parent), 0, len(hidden))])
