@@ -51,12 +51,15 @@ def test_eval_bench_and_distill_take_the_name_default(tiny_run):
     from agecli.stages.evaluate import evaluate
     from agecli.stages.teachers import build_teacher
 
+    from agecli.modeling.checkpoint import load_checkpoint
+
+    _, spec = load_checkpoint(default_model_path())
     result = evaluate("default", tiny_run, split="all")
-    assert result["arch"] == "dlib_resnet6" and result["metrics"]["n"] == 300 and result["metrics"]["mae"] < 15
+    assert result["arch"] == spec.arch and result["metrics"]["n"] == 300 and result["metrics"]["mae"] < 15
     cands = candidates(tiny_run, ["default", "dlib-age"])
     assert [(c.name, c.path) for c in cands] == [("default", default_model_path()), ("dlib-age", None)]
     teacher = build_teacher(["default"])
-    assert teacher.kind == "checkpoint" and teacher.input_size == 56
+    assert teacher.kind == "checkpoint" and teacher.input_size == spec.input_size
     with pytest.raises(AgecliError, match="ONNX model, not an agecli checkpoint"):
         evaluate("dlib-age", tiny_run)
 

@@ -141,7 +141,9 @@ def test_export_never_replaces_the_model_or_an_existing_file(tmp_path):
     result = export(model, "onnx", out=out, force=True)
     assert result["parity"]["passed"] and result["parity"]["split"] == "bundled photos"
     assert result["parity"]["faces"] >= 20 and result["parity"]["mae_torch"] is None  # photos have no labels
-    assert load_exported(out).spec.arch == "dlib_resnet6"
+    from agecli.modeling.checkpoint import load_checkpoint
+
+    assert load_exported(out).spec.arch == load_checkpoint(model)[1].arch
 
 
 def test_the_shipped_model_exports_into_the_current_folder(tmp_path, monkeypatch):
@@ -169,7 +171,7 @@ def test_inference_metadata_says_everything_in_numbers(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     info = json.loads(session.get_modelmeta().custom_metadata_map["agecli_inference"])
     spec = load_exported(tmp_path / "m.onnx").spec
-    assert info["input"]["input_size"] == spec.input_size == 56 and info["input"]["channel_order"] == "RGB"
+    assert info["input"]["input_size"] == spec.input_size and info["input"]["channel_order"] == "RGB"
     assert info["input"]["mean"] == list(spec.mean) and info["input"]["std"] == list(spec.std)
     alignment, _ = crop_alignment(spec)
     assert info["crop"]["crop_size"] == 150 and info["crop"]["margin"] == 0.0
@@ -178,7 +180,7 @@ def test_inference_metadata_says_everything_in_numbers(tmp_path):
     assert raw["decode"] == "softmax_expected" and raw["support"] == list(range(101))
     assert info["outputs"]["female_prob"]["female_index"] == 1
     # decoding age_raw as the metadata says gives the graph's own age output
-    x = np.random.default_rng(0).random((4, 3, 56, 56), dtype=np.float32)
+    x = np.random.default_rng(0).random((4, 3, spec.input_size, spec.input_size), dtype=np.float32)
     age, female, logits = session.run(["age", "female_prob", "age_raw"], {"images": x})
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
