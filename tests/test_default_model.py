@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 
 from agecli.errors import AgecliError
+from agecli.modeling.checkpoint import load_checkpoint
 from agecli.modeling.zoo import MODEL_CARD, WEIGHTS_DIR, default_model_path, resolve_checkpoint, resolve_model_ref
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_default_model_is_a_checkpoint_with_its_card():
-    from agecli.modeling.checkpoint import load_checkpoint
-
     path = default_model_path()
     assert path == WEIGHTS_DIR / "default.pt" and path.stat().st_size < 20 * 2 ** 20  # a few MB
     model, spec = load_checkpoint(path)
@@ -50,8 +49,6 @@ def test_eval_bench_and_distill_take_the_name_default(tiny_run):
     from agecli.stages.bench.candidates import candidates
     from agecli.stages.evaluate import evaluate
     from agecli.stages.teachers import build_teacher
-
-    from agecli.modeling.checkpoint import load_checkpoint
 
     _, spec = load_checkpoint(default_model_path())
     result = evaluate("default", tiny_run, split="all")

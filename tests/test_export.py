@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from agecli.errors import AgecliError
+from agecli.modeling.checkpoint import load_checkpoint, save_checkpoint
 from agecli.stages.export import export, load_exported, to_unit
 
 
@@ -29,7 +30,6 @@ def test_onnx_parity_on_real_faces(onnx_export, bench_run):
 def test_onnx_metadata_and_dynamic_batch(onnx_export, bench_run):
     import onnxruntime as ort
 
-    from agecli.modeling.checkpoint import load_checkpoint
     from agecli.store import FaceStore
 
     session = ort.InferenceSession(onnx_export["path"], providers=["CPUExecutionProvider"])
@@ -114,7 +114,6 @@ def test_decode_reads_age_and_female_probability():
 # --------------------------------------------------------------------------- the shipped model, files kept safe
 def _shipped_copy(tmp_path, provenance: dict | None = None):
     """The default model saved again at `tmp_path/model.pt` (with `provenance` replaced when given)."""
-    from agecli.modeling.checkpoint import load_checkpoint, save_checkpoint
     from agecli.modeling.zoo import default_model_path
 
     model, spec = load_checkpoint(default_model_path())
@@ -141,8 +140,6 @@ def test_export_never_replaces_the_model_or_an_existing_file(tmp_path):
     result = export(model, "onnx", out=out, force=True)
     assert result["parity"]["passed"] and result["parity"]["split"] == "bundled photos"
     assert result["parity"]["faces"] >= 20 and result["parity"]["mae_torch"] is None  # photos have no labels
-    from agecli.modeling.checkpoint import load_checkpoint
-
     assert load_exported(out).spec.arch == load_checkpoint(model)[1].arch
 
 
