@@ -222,6 +222,28 @@ def test_only_selects_steps_and_unknown_labels_are_named(tmp_path):
     assert set(json.loads((run / "recipe-state.json").read_text())["steps"]) == {"report"}
 
 
+def test_a_step_recorded_by_another_process_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Two `agecli run --step` calls on one run: the one that ends last must not drop the
+    other's record (each re-reads the state before writing its own step)."""
+    from agecli.recipes import runner
+
+    recipe = _recipe(TWO_TRAIN_STEPS, tmp_path)
+    run = tmp_path / "run"
+    build_store(run, *synthetic_faces(60, 32))
+    (run / "recipe-state.json").write_text(json.dumps({"steps": {}}))
+    run_here = runner._run_here
+
+    def other_process_records_meanwhile(step, row, run_dir, root, progress, quiet):
+        run_here(step, row, run_dir, root, progress, quiet)
+        (run_dir / "recipe-state.json").write_text(
+            json.dumps({"steps": {"train/b": {"fingerprint": "from-elsewhere", "seconds": 1.0}}}))
+
+    monkeypatch.setattr(runner, "_run_here", other_process_records_meanwhile)
+    run_recipe(recipe, run, only=["report"])
+    steps = json.loads((run / "recipe-state.json").read_text())["steps"]
+    assert set(steps) == {"report", "train/b"} and steps["train/b"]["fingerprint"] == "from-elsewhere"
+
+
 def test_cli_step_and_jobs_options(tmp_path):
     from typer.testing import CliRunner
 

@@ -61,12 +61,13 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
     _require_devices(steps, rows)
     run.mkdir(parents=True, exist_ok=True)
     _copy_recipe(recipe, run)
-    state = read_state(run)
 
     def record(step: Step, seconds: float) -> None:
         if record_state:
-            state.setdefault("steps", {})[step.label] = {"fingerprint": step.fingerprint(), "seconds": seconds}
-            write_json(run / STATE_FILE, state)
+            # read afresh: another `agecli run --step` on this run may have recorded its step meanwhile
+            latest = read_state(run)
+            latest.setdefault("steps", {})[step.label] = {"fingerprint": step.fingerprint(), "seconds": seconds}
+            write_json(run / STATE_FILE, latest)
 
     for section_steps in _by_section(list(zip(steps, rows))):
         runnable = _runnable(section_steps, quiet)
