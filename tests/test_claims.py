@@ -236,6 +236,15 @@ def test_the_report_gets_the_paper_section_and_claims_json(benched):
     assert "## Paper" not in write_report(benched).read_text()
 
 
+def test_claims_without_a_paper_get_a_claims_section_and_no_empty_paper_column(benched):
+    own = [{"claim": "LDAE beats regression", "better": "train/ldae*", "worse": "train/regression*"}]
+    text = write_report(benched, claims=own).read_text()
+    section = text[text.index("## Claims"):text.index("## 1. Prepared faces")]
+    assert "## Paper" not in text and "Each claim against this run" in section
+    assert "| claim | metric | better (ours) |" in section
+    assert "| LDAE beats regression | test_mae (lower is better) | train/ldae*: 4.10" in section
+
+
 def test_a_claim_on_models_not_run_yet_does_not_fail_the_report(tmp_path):
     text = write_report(tmp_path, claims=[CLAIMS[0]]).read_text()
     assert "train/ldae*: not run yet" in text and "| not run yet |" in text

@@ -296,12 +296,15 @@ COMPARISON_COLUMNS = ["claim", "paper", "metric", "better (ours)", "worse (ours)
 def _render_claims(paper: str | None, results: list[dict[str, Any]]) -> list[str]:
     if not results and not paper:
         return []
-    lines = [f"\n## Paper: {paper}\n" if paper else "\n## Paper\n"]
+    lines = [f"\n## Paper: {paper}\n" if paper else "\n## Claims\n"]
     if not results:
         lines.append("_no claims given (`report: {claims: [...]}` in the recipe)._\n")
     comparisons = [r for r in results if r["kind"] == "comparison"]
     if comparisons:
-        lines += [CLAIMS_NOTE, md_table([_comparison_row(r) for r in comparisons], COMPARISON_COLUMNS)]
+        # a recipe of agecli's own claims (no paper quoted) gets no empty "paper" column
+        columns = [c for c in COMPARISON_COLUMNS if c != "paper" or any(r["paper"] for r in comparisons)]
+        note = CLAIMS_NOTE if paper else CLAIMS_NOTE.replace("Each claim of the paper", "Each claim")
+        lines += [note, md_table([_comparison_row(r) for r in comparisons], columns)]
     for result in results:
         if result["kind"] == "table":
             lines += _claim_table(result)
