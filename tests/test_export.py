@@ -182,3 +182,16 @@ def test_inference_metadata_says_everything_in_numbers(tmp_path):
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     assert np.allclose(p @ np.asarray(raw["support"]), age, atol=1e-3) and ((0 <= female) & (female <= 1)).all()
+
+
+def test_dlib_residual_padding_exports_as_constants(tmp_path):
+    """dlib's zero-padded residual adds become Pads by fixed amounts, not Shape arithmetic
+    that ONNX Runtime would run at every call (the batch is the only dynamic axis)."""
+    pytest.importorskip("facenet_pytorch", reason="MTCNN (facenet-pytorch) not installed")
+    onnx = pytest.importorskip("onnx")
+
+    model = _shipped_copy(tmp_path)
+    result = export(model, "onnx", out=tmp_path / "m.onnx", run=tmp_path)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert result["parity"]["passed"]
+    assert "Pad" in ops and "Shape" not in ops, sorted(set(ops))

@@ -86,7 +86,8 @@ class _Block(nn.Module):
             x = F.avg_pool2d(x, 2, 2)
             x = F.pad(x, (0, 0, 0, 0, 0, self.extra))
             # dlib pads the (smaller) main branch at the bottom/right to the shortcut's size
-            y = F.pad(y, (0, x.shape[-1] - y.shape[-1], 0, x.shape[-2] - y.shape[-2]))
+            # plain ints: an export pads by constants (see dlib_facerec.static_dims)
+            y = F.pad(y, (0, int(x.shape[-1]) - int(y.shape[-1]), 0, int(x.shape[-2]) - int(y.shape[-2])))
         return F.relu(x + y)
 
 
