@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from agecli.modeling.checkpoint import load_checkpoint
 from agecli.recipes import load_recipe, run_recipe
 from conftest import require_utkface
 
@@ -48,11 +49,15 @@ def _verdicts(claims: dict) -> dict[str, str]:
 def test_zhao2021_runs_on_a_slice_and_judges_each_claim(tmp_path):
     run, claims = _run_slice("zhao2021", tmp_path, ["distill.rank_epochs=1"])
     verdicts = _verdicts(claims)
-    assert len(verdicts) == 3 and "not run yet" not in " ".join(verdicts.values()), verdicts
-    # the ordinal students share one ranking teacher, trained once and measured on val
-    manifest = json.loads((run / "distill" / "dlib6_ordinal_s1" / "manifest.json").read_text())
-    assert "dlib6_ordinal_s0/rank_teacher" in manifest["args"]["rank_teacher"]
-    assert not (run / "distill" / "dlib6_ordinal_s1" / "rank_teacher").exists()
+    assert len(verdicts) == 6 and "not run yet" not in " ".join(verdicts.values()), verdicts
+    # each group's ordinal students share one ranking teacher, trained once and measured on val
+    for group in ("dlib6", "fr3_80"):
+        manifest = json.loads((run / "distill" / f"{group}_ordinal_s1" / "manifest.json").read_text())
+        assert f"{group}_ordinal_s0/rank_teacher" in manifest["args"]["rank_teacher"]
+        assert not (run / "distill" / f"{group}_ordinal_s1" / "rank_teacher").exists()
+    _, ranker = load_checkpoint(run / "distill" / "fr3_80_ordinal_s0" / "rank_teacher" / "rank_teacher.pt")
+    assert ranker.arch == "dlib_facerec3" and ranker.provenance["pretrained"] == "dlib"  # face-pretrained
+    assert 0 <= ranker.metrics["rank_accuracy"] <= 1
 
 
 @pytest.mark.slow
