@@ -19,9 +19,7 @@ figures to quote; the ratios hold up better than the absolute ms under load.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,34 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def session(path: Path):
-    import onnxruntime as ort
+    """A call of the model at `path` on one random face-sized input (one ORT thread)."""
+    from agecli.stages.export import onnx_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sess = onnx_session(path, threads=1)
     tensor = sess.get_inputs()[0]
     size = int(tensor.shape[-1])
     feed = {tensor.name: np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)}
     return lambda: sess.run(None, feed)
-
-
-def cpu_name() -> str:
-    """The CPU's model name where Linux tells it, else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 def short_name(ref: str) -> str:
@@ -104,6 +82,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
+    from agecli.engine.timing import machine_info
     from agecli.modeling.checkpoint import load_checkpoint
     from agecli.modeling.dlib_resnet import dlib_age_onnx
     from agecli.modeling.zoo import resolve_checkpoint
@@ -143,8 +122,7 @@ def main() -> None:
               + (f", {statistics.median(row['teacher_x']):.1f}x faster than the teacher(s)" if teachers else ""))
     result = {"benchmark": "student_latency", "threads": 1, "rounds": args.rounds, "repeats": args.repeats,
               "teachers": [short_name(t) for t in args.teachers],
-              "machine": {"cpu": cpu_name(), "python": sys.version.split()[0],
-                          "torch": torch.__version__, "onnxruntime": ort_version()},
+              "machine": machine_info("cpu", 1),
               "rows": rows}
     write_json(args.out, result)
     print(f"wrote {args.out}")
