@@ -311,17 +311,21 @@ def test_two_prepares_into_one_run_and_signals(tmp_path):
     run = tmp_path / "run"
     first = _start_prepare(run, 6000)
     _wait_running(run, first)
+    first.send_signal(signal.SIGSTOP)  # held mid-job: on a fast machine it could finish before the signal
     second = agecli("prepare", "utkface", "--root", str(UTKFACE_DIR), "--run", str(run), "--limit", "6000",
                     "--size", "32", "-q")
     assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
     assert first.poll() is None, "the first prepare ended before it could be signalled"
     first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=60) == 143, first.communicate()
     manifest = read_json(run / "prepare" / "manifest.json")
     assert manifest["status"] == "interrupted" and not (run / "prepare" / ".lock").exists()
     third = _start_prepare(run, 6000)
     _wait_running(run, third)
+    third.send_signal(signal.SIGSTOP)
     third.send_signal(signal.SIGINT)
+    third.send_signal(signal.SIGCONT)
     assert third.wait(timeout=60) == 130
     assert "interrupted" in third.communicate()[1]
     assert read_json(run / "prepare" / "manifest.json")["status"] == "interrupted"
