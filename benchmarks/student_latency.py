@@ -8,6 +8,11 @@ all of them alike instead of one. Prints and writes, per model and round, the me
     vs_cc0        model ms / the CC0 model's ms (<= 1: no slower than the CC0 model)
     teacher_x     the teachers' ms (summed: an averaged ensemble runs each) / model ms
 
+With --int8 every model is also exported as agecli's calibrated int8 copy (`agecli export
+--quantize int8`) and timed in the same turns; each student row then has an `int8` entry
+with its ms, its ratio to the CC0 model, its speed-up over the float and over the int8
+teachers, and (with --run) the test MAE of the float and int8 files on the whole test split.
+
     python benchmarks/student_latency.py                                    # the default model
     python benchmarks/student_latency.py --models default --models runs/x/distill/s/best.pt \\
         --teachers runs/x/train/teacher_facerec/best.pt --run runs/x
@@ -67,6 +72,33 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def test_mae(path: Path, run: str) -> float:
+    """MAE of an exported file on every test face of the prepared run, in batches of 256."""
+    from agecli.stages.export import load_exported, to_unit
+    from agecli.store import FaceStore
+
+    exported = load_exported(path, threads=1)
+    store = FaceStore.open(run)
+    index = np.sort(store.indices("test"))
+    ages = store.records["age"].to_numpy(dtype=float)[index]
+    predicted = np.concatenate([exported.run(to_unit(store.images[index[i:i + 256]], exported.spec.input_size))["age"]
+                                for i in range(0, len(index), 256)])
+    return round(float(np.abs(predicted - ages).mean()), 4)
+
+
+def int8_columns(name: str, rounds: list[dict[str, float]], teachers: list[str], mae: dict[str, float]) -> dict:
+    """The int8 copy of student `name`: its ms, ratio to the CC0 model and speed-ups over the teachers."""
+    q = f"{name}-int8"
+    columns = {"ms": [round(ms[q], 3) for ms in rounds], "vs_cc0": [round(ms[q] / ms["cc0"], 3) for ms in rounds]}
+    if teachers:
+        columns["teacher_x"] = [round(sum(ms[t] for t in teachers) / ms[q], 2) for ms in rounds]
+        columns["teacher_x_one"] = [round(ms[teachers[0]] / ms[q], 2) for ms in rounds]
+        columns["teacher_x_one_int8"] = [round(ms[f"{teachers[0]}-int8"] / ms[q], 2) for ms in rounds]
+    if name in mae:
+        columns.update(test_mae_fp32=mae[name], test_mae_int8=mae[q])
+    return columns
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", action="append", help="student checkpoints, or 'default' (repeat)")
@@ -75,6 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls before each block")
+    parser.add_argument("--int8", action="store_true", help="also time (and with --run score) the int8 copies")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "student_latency.json"))
     args = parser.parse_args()
     import warnings
@@ -91,22 +124,28 @@ def main() -> None:
 
     torch.set_num_threads(1)
     students = args.models or ["default"]
-    calls, sizes, params = {}, {}, {}
+    calls, sizes, params, mae = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, ref in enumerate([*students, *args.teachers]):
             name = f"teacher{i - len(students)}" if i >= len(students) else short_name(ref)
             path = Path(tmp) / f"m{i}.onnx"
-            export(ref, out=path, run=args.run)
+            exported = export(ref, out=path, run=args.run, quantize="int8" if args.int8 else None)
             model, spec = load_checkpoint(resolve_checkpoint(ref))
             calls[name], sizes[name] = session(path), spec.input_size
             params[name] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+            if args.int8:
+                int8_path = Path(exported["quantized"]["path"])
+                calls[f"{name}-int8"] = session(int8_path)
+                if args.run:
+                    mae[name], mae[f"{name}-int8"] = test_mae(path, args.run), test_mae(int8_path, args.run)
+                    print(f"{name}: test MAE {mae[name]:.3f} float, {mae[f'{name}-int8']:.3f} int8")
         calls["cc0"], sizes["cc0"] = session(dlib_age_onnx()), 64
         rounds = []
         for r in range(args.rounds):
             ms = interleaved_ms(calls, args.repeats, args.warmup)
             rounds.append(ms)
             print(f"round {r + 1}: " + ", ".join(f"{n} {v:.3f} ms" for n, v in ms.items()))
-    teachers = [n for n in calls if n.startswith("teacher")]
+    teachers = [n for n in calls if n.startswith("teacher") and not n.endswith("-int8")]
     rows = []
     for name in map(short_name, students):
         per_round = [ms[name] for ms in rounds]
@@ -117,10 +156,21 @@ def main() -> None:
         if teachers:
             row["teacher_x"] = [round(sum(ms[t] for t in teachers) / ms[name], 2) for ms in rounds]
             row["teacher_x_one"] = [round(ms[teachers[0]] / ms[name], 2) for ms in rounds]
+        if name in mae:
+            row["test_mae"] = mae[name]
+        if args.int8:
+            row["int8"] = int8_columns(name, rounds, teachers, mae)
         rows.append(row)
         print(f"{name}: {statistics.median(per_round):.3f} ms, {statistics.median(vs_cc0):.2f} x the CC0 model's"
               + (f", {statistics.median(row['teacher_x']):.1f}x faster than the teacher(s)" if teachers else ""))
+        if args.int8:
+            q = row["int8"]
+            print(f"{name} int8: {statistics.median(q['ms']):.3f} ms, {statistics.median(q['vs_cc0']):.2f} x the CC0 "
+                  "model's" + (f", {statistics.median(q['teacher_x_one']):.1f}x faster than one float teacher, "
+                               f"{statistics.median(q['teacher_x_one_int8']):.1f}x than its int8 copy"
+                               if teachers else ""))
     result = {"benchmark": "student_latency", "threads": 1, "rounds": args.rounds, "repeats": args.repeats,
+              "int8": bool(args.int8),
               "teachers": [short_name(t) for t in args.teachers],
               "machine": machine_info("cpu", 1),
               "rows": rows}

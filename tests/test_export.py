@@ -69,6 +69,12 @@ def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):
     assert q["bytes"] < q["fp32_bytes"]  # int8 weights
     assert abs(q["mae_cost"]) < 2.0 and q["latency_ms_int8"] > 0 and q["speedup_batch1"] > 0
     assert load_exported(q["path"]).spec.arch == "shufflenet_v2_x1_0"
+    # static: activation scales fixed on val faces (never the test faces of the parity check)
+    assert q["calibration"]["split"] == "val" and result["parity"]["split"] == "test"
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(q["path"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "ConvInteger" not in ops
     assert result["next"].endswith("annotated/") and ".int8.onnx" in result["next"]
 
 

@@ -1,7 +1,7 @@
 """Export a checkpoint for deployment: ONNX or TorchScript, checked against PyTorch.
 
     export("runs/utkface/distill/mobilenet/best.pt", format="onnx")
-    export(path, format="onnx", quantize="int8")     # + dynamic int8 quantisation (CPU)
+    export(path, format="onnx", quantize="int8")     # + an int8 copy, calibrated on val faces (CPU)
     load_exported("student.onnx")                    -> Exported(spec, run(x01) -> outputs)
 
 The exported graph is a wrapper around the model (`DeployWrapper`):
@@ -31,6 +31,8 @@ whatever was at --out untouched.
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ from agecli.rundir import atomic_path, fingerprint_file
 
 EXPORT_FORMAT = "agecli.export"
 PARITY_TOLERANCE = 0.05  # years: largest |age_export - age_torch| allowed for fp32 exports
+CALIBRATION_FACES = 256  # faces whose activation ranges fix the int8 copy's scales
 
 
 class DeployWrapper(nn.Module):
@@ -223,8 +226,10 @@ def load_exported(path: str | Path, *, device: str = "cpu", threads: int | None 
 
 
 # --------------------------------------------------------------------------- parity faces
-def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limit: int = 256):
-    """Real aligned faces (uint8) and their ages for a parity check, from the run's store."""
+def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limit: int = 256,
+                 splits: tuple[str, ...] = ("test", "val", "all")):
+    """Real aligned faces (uint8) and their ages for a parity check, from the run's store: the
+    first of `splits` that has faces (int8 calibration asks for val first: never tune on test)."""
     from agecli.store import FaceStore
 
     candidates: list[Path] = []
@@ -239,7 +244,7 @@ def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limi
     for candidate in candidates:
         if (candidate / "prepare" / "manifest.json").exists():
             store = FaceStore.open(candidate)
-            for split in ("test", "val", "all"):
+            for split in splits:
                 idx = store.indices(split)
                 if len(idx):
                     break
@@ -319,7 +324,10 @@ def export(model_path: str | Path, format: str = "onnx", out: str | Path | None 
         "outputs": output_names(spec), "parity": parity,
     }
     if quantize:
-        result["quantized"] = _quantize(out, x01, ages, got, metadata)
+        calibration, _, _, calibration_split = parity_faces(model_path, spec, run, CALIBRATION_FACES,
+                                                            splits=("val", "train", "all", "test"))
+        result["quantized"] = _quantize(out, to_unit(calibration, spec.input_size), x01, ages, got, metadata)
+        result["quantized"]["calibration"] = {"faces": int(len(calibration)), "split": calibration_split}
     target = result.get("quantized", {}).get("path", str(out))
     result["next"] = f"agecli predict --model {target} PHOTO_OR_FOLDER --annotate annotated/"
     return result
@@ -441,25 +449,41 @@ def _median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
     return time_call(fn, warmup=3, repeats=repeats)["median_ms"]
 
 
-def _quantize(path: Path, x01: np.ndarray, ages: np.ndarray, fp32: dict[str, np.ndarray],
+def _quantize(path: Path, calibration: np.ndarray, x01: np.ndarray, ages: np.ndarray, fp32: dict[str, np.ndarray],
               metadata: dict[str, str]) -> dict[str, Any]:
+    """An int8 copy of the ONNX file at `path`: weights per channel, activations with scales
+    fixed on `calibration` faces (static, QDQ). Dynamic quantisation would be simpler, but
+    ONNX Runtime runs its int8 convolutions several times slower than float ones."""
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
         raise AgecliError(f"int8 quantisation needs onnxruntime.quantization and the `onnx` package "
                           f"({exc}); install it with `pip install onnx`.") from None
-    qpath = quantized_path(path)
-    import logging
 
+    class Faces(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": np.ascontiguousarray(calibration[i:i + 16], dtype=np.float32)}
+                                 for i in range(0, len(calibration), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    qpath = quantized_path(path)
     logging.getLogger().setLevel(logging.ERROR)
-    with atomic_path(qpath) as tmp:
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
-        # quantize_dynamic rewrites the model: re-attach the metadata when it was dropped
+    with atomic_path(qpath) as tmp, tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"  # shapes inferred and the graph folded first
+        quant_pre_process(str(path), str(prepared))
+        quantize_static(str(prepared), str(tmp), Faces(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        # the quantiser rewrites the model: re-attach the metadata when it was dropped
         from onnxruntime import InferenceSession
 
         if "agecli_spec" not in InferenceSession(str(tmp), providers=["CPUExecutionProvider"]
                                                  ).get_modelmeta().custom_metadata_map:
-            add_onnx_metadata(tmp, {**metadata, "quantized": "int8 dynamic"})
+            add_onnx_metadata(tmp, {**metadata, "quantized": "int8 static (QDQ), calibrated"})
     q = load_exported(qpath)
     f = load_exported(path)
     got = q.run(x01)
