@@ -72,7 +72,7 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def test_mae(path: Path, run: str) -> float:
+def mae_on_test(path: Path, run: str) -> float:
     """MAE of an exported file on every test face of the prepared run, in batches of 256."""
     from agecli.stages.export import load_exported, to_unit
     from agecli.store import FaceStore
@@ -137,7 +137,7 @@ def main() -> None:
                 int8_path = Path(exported["quantized"]["path"])
                 calls[f"{name}-int8"] = session(int8_path)
                 if args.run:
-                    mae[name], mae[f"{name}-int8"] = test_mae(path, args.run), test_mae(int8_path, args.run)
+                    mae[name], mae[f"{name}-int8"] = mae_on_test(path, args.run), mae_on_test(int8_path, args.run)
                     print(f"{name}: test MAE {mae[name]:.3f} float, {mae[f'{name}-int8']:.3f} int8")
         calls["cc0"], sizes["cc0"] = session(dlib_age_onnx()), 64
         rounds = []
