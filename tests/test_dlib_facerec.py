@@ -165,6 +165,23 @@ def test_partial_model_inherits_the_first_stages(pretrained):
         assert torch.equal(param, big[name]), name
 
 
+def test_fewer_blocks_per_stage_inherit_the_same_blocks(pretrained):
+    """A network keeping only the leading blocks of each stage (and the fourth stage's first
+    block) takes each kept block's weights from that block's place in the file, not from the
+    next layers in file order."""
+    for depths in ((1, 2, 2), (1, 1, 1), (3, 4, 3, 1)):
+        small = fr.pretrained_facerec(depths=depths)
+        big = dict(pretrained.named_parameters())
+        blocks = {tuple(name.split(".")[1:3]) for name, _ in small.named_parameters() if name.startswith("stages.")}
+        assert blocks == {(str(s), str(b)) for s, depth in enumerate(depths) for b in range(depth)}
+        assert all(torch.equal(param, big[name]) for name, param in small.named_parameters()), depths
+    assert small.embedding is None and small.feature_dim == 256
+    assert fr.file_positions(fr.FULL_DEPTHS) == list(range(29))
+    assert fr.file_positions((1, 1)) == [0, 1, 2, 7, 8]
+    with pytest.raises(ValueError, match="depths"):
+        fr.DlibFaceRec(depths=(0, 4))
+
+
 def test_missing_package_names_it(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -394,6 +394,9 @@ def test_stage_arguments_are_bounded(small_run, tmp_path):
         train(small_run, arch="mobilenet", size=7, options=TrainOptions(epochs=1, device="cpu"))
     with pytest.raises(AgecliError, match="--size 0 is too small"):
         train(small_run, arch="mobilenet", size=0, options=TrainOptions(epochs=1, device="cpu"))
+    # a network whose unpadded strided layers need more than the general minimum says so, by name
+    with pytest.raises(AgecliError, match="--size 64 is too small: dlib_facerec takes at least 103 px"):
+        train(small_run, arch="dlib_facerec", size=64, options=TrainOptions(epochs=1, device="cpu"))
     with pytest.raises(AgecliError, match="--batch-size 0"):
         evaluate(tmp_path / "any.pt", small_run, batch_size=0)
 

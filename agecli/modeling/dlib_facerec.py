@@ -72,6 +72,33 @@ STAGE_BLOCKS: tuple[tuple[int, tuple[bool, ...]], ...] = (
     (128, (True, False, False)),
     (256, (True, False, False, True)),
 )
+FULL_DEPTHS = tuple(len(downs) for _, downs in STAGE_BLOCKS)
+
+
+def full_depths(stages: int) -> tuple[int, ...]:
+    """Every block of the first `stages` width stages."""
+    if not 1 <= stages <= len(STAGE_BLOCKS):
+        raise ValueError(f"stages must be 1..{len(STAGE_BLOCKS)}, not {stages}")
+    return FULL_DEPTHS[:stages]
+
+
+def check_depths(depths: tuple[int, ...]) -> tuple[int, ...]:
+    depths = tuple(int(d) for d in depths)
+    if not 1 <= len(depths) <= len(STAGE_BLOCKS) or any(not 1 <= d <= full for d, full in zip(depths, FULL_DEPTHS)):
+        raise ValueError(f"depths must give 1..{len(STAGE_BLOCKS)} stages of 1..{FULL_DEPTHS} blocks each, not {depths}")
+    return depths
+
+
+def file_positions(depths: tuple[int, ...]) -> list[int]:
+    """Where each (conv, affine) pair of a network with `depths` sits among the file's
+    pairs (stem first, then every block's two, input side first)."""
+    positions, at = [0], 1
+    for (_, downs), depth in zip(STAGE_BLOCKS, depths):
+        for block in range(len(downs)):
+            if block < depth:
+                positions += [at, at + 1]
+            at += 2
+    return positions
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,7 +405,10 @@ class DlibFaceRec(nn.Module):
 
     `stages` < 4 keeps only the first width stages (32, 64, 128: feature_dim 32/64/128),
     for a smaller student that inherits the first face-recognition layers; it has no
-    embedding. The full network's blocks keep the same names, so weights carry over.
+    embedding. `depths` (blocks kept per stage, the leading ones: e.g. (1, 2, 2)) goes
+    further, leaving out later blocks of a stage; the first block of each stage, which
+    changes width, always stays. The full network's blocks keep the same names, so
+    weights carry over.
 
     `folded`: every affine layer is folded into the conv before it (`fold_affine`), which is
     how the network fine-tunes. As stored, the conv weights are tiny (std 0.002-0.017) and
@@ -388,19 +418,18 @@ class DlibFaceRec(nn.Module):
     (measured on real faces, the affine layers trainable or frozen alike). Folded, the
     convs have ordinary weight scales (the same function) and fine-tune like any network."""
 
-    def __init__(self, stages: int = 4, folded: bool = False):
+    def __init__(self, stages: int = 4, folded: bool = False, depths: tuple[int, ...] | None = None):
         super().__init__()
-        if not 1 <= stages <= len(STAGE_BLOCKS):
-            raise ValueError(f"stages must be 1..{len(STAGE_BLOCKS)}, not {stages}")
+        self.depths = full_depths(stages) if depths is None else check_depths(depths)
         self.stem = nn.Conv2d(3, 32, 7, stride=2, padding=0)
         self.stem_affine = _affine(32, folded)
         cin, kept = 32, []
-        for width, downs in STAGE_BLOCKS[:stages]:
-            kept.append(_stage(cin, width, downs, folded))
+        for (width, downs), depth in zip(STAGE_BLOCKS, self.depths):
+            kept.append(_stage(cin, width, downs[:depth], folded))
             cin = width
         self.stages = nn.Sequential(*kept)
         self.feature_dim = cin
-        full = stages == len(STAGE_BLOCKS)
+        full = self.depths == FULL_DEPTHS
         self.embedding = nn.Linear(cin, FACEREC_EMBEDDING_DIM, bias=False) if full else None
 
     def forward(self, x):
@@ -415,7 +444,8 @@ class DlibFaceRec(nn.Module):
         return self.embedding(self.forward(x))
 
     def weight_layers(self) -> list[tuple[nn.Conv2d, DlibAffine]]:
-        """(conv, affine) pairs in dlib's order, the order the file stores them."""
+        """(conv, affine) pairs in dlib's order, the order the file stores them (the kept
+        blocks only; `file_positions` says where each sits in the file)."""
         pairs = [(self.stem, self.stem_affine)]
         for stage in self.stages:
             for block in stage:
@@ -430,12 +460,13 @@ def load_facerec_weights(model: DlibFaceRec, path: Path | str | None = None) -> 
     convs = [layer for layer in net.layers if layer.kind == "con"]
     affines = [layer for layer in net.layers if layer.kind == "affine"]
     pairs = model.weight_layers()
-    too_few = len(pairs) > len(convs) or (model.embedding is not None and len(pairs) != len(convs))
-    if too_few or len(convs) != len(affines):
+    full_count = len(file_positions(FULL_DEPTHS))
+    if len(convs) != full_count or len(affines) != full_count:
         raise AgecliError(f"the face-recognition file has {len(convs)} conv and {len(affines)} affine layers; "
-                          f"the model has {len(pairs)} of each")
+                          f"dlib's network has {full_count} of each")
     with torch.no_grad():
-        for (conv, affine), con_layer, affine_layer in zip(pairs, convs, affines):
+        for (conv, affine), at in zip(pairs, file_positions(model.depths)):
+            con_layer, affine_layer = convs[at], affines[at]
             _copy_conv(conv, con_layer)
             affine.scale.copy_(_as_channels(affine_layer.arrays["scale"]))
             affine.offset.copy_(_as_channels(affine_layer.arrays["offset"]))
@@ -473,6 +504,6 @@ def fold_affine(source: DlibFaceRec, target: DlibFaceRec) -> DlibFaceRec:
     return target
 
 
-def pretrained_facerec(stages: int = 4) -> DlibFaceRec:
+def pretrained_facerec(stages: int = 4, depths: tuple[int, ...] | None = None) -> DlibFaceRec:
     """A DlibFaceRec with the installed CC0 weights, in eval mode."""
-    return load_facerec_weights(DlibFaceRec(stages)).eval()
+    return load_facerec_weights(DlibFaceRec(stages, depths=depths)).eval()

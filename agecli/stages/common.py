@@ -59,10 +59,12 @@ def require_faces(count: int, run: Path, store: FaceStore, what: str = "labelled
 
 def input_size(size: int | None, store: FaceStore, arch: str) -> int:
     """The model's input side: `size`, by default the backbone's own, never above the stored faces."""
-    if size is not None and size < MIN_INPUT_SIZE:
-        raise AgecliError(f"--size {size} is too small: models take at least {MIN_INPUT_SIZE} px (e.g. --size 64); "
-                          "leave --size out for the backbone's default.")
-    size = size or min(store.size, BACKBONES[arch].default_size)
+    spec = BACKBONES[arch]
+    smallest = max(MIN_INPUT_SIZE, spec.min_size)
+    if size is not None and size < smallest:
+        raise AgecliError(f"--size {size} is too small: {arch} takes at least {smallest} px (its default is "
+                          f"{spec.default_size}); leave --size out for the default.")
+    size = size or min(store.size, spec.default_size)
     if size > store.size:
         raise AgecliError(f"--size {size} is larger than the run's {store.size}px faces; use --size {store.size} "
                           "or less, or re-prepare with a larger --size.")
