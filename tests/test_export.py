@@ -63,8 +63,13 @@ def test_torchscript_export_roundtrip(bench_run, tmp_path):
 
 
 def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):
+    import logging
+
+    logging.getLogger().setLevel(logging.INFO)  # a caller's own level survives the quantiser's quieting
     result = export(bench_run / "distill" / "shufflenet" / "best.pt", "onnx", out=tmp_path / "s.onnx",
                     quantize="int8")
+    assert logging.getLogger().level == logging.INFO
+    logging.getLogger().setLevel(logging.WARNING)
     q = result["quantized"]
     assert q["bytes"] < q["fp32_bytes"]  # int8 weights
     assert abs(q["mae_cost"]) < 2.0 and q["latency_ms_int8"] > 0 and q["speedup_batch1"] > 0

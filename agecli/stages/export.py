@@ -30,6 +30,7 @@ whatever was at --out untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -449,6 +450,19 @@ def _median_ms(fn: Callable[[], Any], repeats: int = 20) -> float:
     return time_call(fn, warmup=3, repeats=repeats)["median_ms"]
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantiser gives its advice through the root logger: keep it out of the
+    output while it runs, and leave the caller's logging level as it was."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _quantize(path: Path, calibration: np.ndarray, x01: np.ndarray, ages: np.ndarray, fp32: dict[str, np.ndarray],
               metadata: dict[str, str]) -> dict[str, Any]:
     """An int8 copy of the ONNX file at `path`: weights per channel, activations with scales
@@ -471,8 +485,7 @@ def _quantize(path: Path, calibration: np.ndarray, x01: np.ndarray, ages: np.nda
             return next(self.batches, None)
 
     qpath = quantized_path(path)
-    logging.getLogger().setLevel(logging.ERROR)
-    with atomic_path(qpath) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with _quiet_root_logger(), atomic_path(qpath) as tmp, tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"  # shapes inferred and the graph folded first
         quant_pre_process(str(path), str(prepared))
         quantize_static(str(prepared), str(tmp), Faces(), quant_format=QuantFormat.QDQ,
