@@ -84,7 +84,7 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("dlib_facerec", 150, "teacher", None, FACEREC_MEAN, FACEREC_STD, ("dlib",), 103),
     # its first three stages (widths 32-128, 1.15 M parameters): a student that keeps face-recognition features
     Backbone("dlib_facerec3", 112, "student", None, FACEREC_MEAN, FACEREC_STD, ("dlib",), 31),
-    # the same plus the fourth stage's first block (256 wide, 2.06 M): deeper features for about 3% more time;
+    # the same plus the fourth stage's first block (256 wide, 2.06 M): deeper features for about 3% more time
     Backbone("dlib_facerec3_plus", 112, "student", None, FACEREC_MEAN, FACEREC_STD, ("dlib",), 55),
     # three stages with fewer blocks: 1, 2, 2 (0.68 M, about half the time) and 1, 1, 1 (0.31 M, a third)
     Backbone("dlib_facerec3_slim", 112, "student", None, FACEREC_MEAN, FACEREC_STD, ("dlib",), 31),
