@@ -19,6 +19,7 @@ from agecli.modeling.encodings import build_encoding
 from agecli.options import TrainOptions
 from agecli.stages.common import labelled
 from agecli.stages.distill import build_loss, distill, ranker
+from agecli.stages.distill import stage as distill_stage
 from agecli.stages.distill.losses import rank_hinge
 from agecli.stages.distill.ranker import rank_validate, train_rank_teacher
 from agecli.stages.teachers import TeacherOutput
@@ -189,3 +190,20 @@ def test_distill_manifest_carries_the_rank_accuracy(tiny_run):
     manifest = json.loads((tiny_run / "distill" / "ordinal_manifest" / "manifest.json").read_text())
     info = manifest.get("rank_teacher") or manifest["results"].get("rank_teacher")
     assert 0.0 <= info["val_rank_accuracy"] <= 1.0 and len(info["val_rank_accuracy_per_epoch"]) == 1
+
+
+def test_time_limit_bounds_the_ranker_and_the_student_together(tiny_run):
+    """--time-limit bounds the whole stage: a ranker trained in it gets at most half the limit,
+    and the student what the ranker left."""
+    require_dlib()
+    options = TrainOptions(epochs=1, max_batches=2, time_limit=30.0, **FAST)
+    result = distill(tiny_run, teachers=["dlib-age"], student="dlib_resnet6", pretrained="dlib", size=56,
+                     method="ordinal", rank_epochs=1, options=options, name="ordinal_budget")
+    ranker_spec = read_checkpoint(tiny_run / "distill" / "ordinal_budget" / "rank_teacher" / "rank_teacher.pt")["spec"]
+    assert ranker_spec["provenance"]["options"]["time_limit"] == pytest.approx(30.0 * distill_stage.RANKER_TIME_SHARE)
+    assert result["epochs_run"] == 1
+
+    left = distill_stage.time_left(options, spent_seconds=600)
+    assert left.time_limit == pytest.approx(20.0) and left.epochs == options.epochs
+    assert distill_stage.time_left(options, spent_seconds=3600).time_limit == pytest.approx(1 / 60)
+    assert distill_stage.time_left(TrainOptions(), spent_seconds=600).time_limit is None

@@ -6,6 +6,7 @@ stage (agecli.stages.common)."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -83,9 +84,12 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                              norm, progress)
         if feeds.cache_record:
             stage.set(teacher_cache=feeds.cache_record)
+        student_options = options
         if "ordinal" in config.method:
+            started = time.monotonic()
             feeds.add_ranker(rank_teacher, store, rows, out_dir, arch=arch, size=size, pretrained=pretrained,
                              config=config, options=options, progress=progress)
+            student_options = time_left(options, time.monotonic() - started)
             stage.set(rank_teacher=feeds.rank_info)
         loss = _loss(config, store, gender, enc, feeds, model, size, rows)
         spec = model_spec("distill", store, out_run, name, arch=arch, encoding=enc, size=size, gender=gender,
@@ -95,7 +99,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
         if world.main:
             write_json(out_dir / "recipe.json", _recipe(arch, size, enc, config, loss, feeds, notes))
         results = fit(Student(model, loss, layer=config.student_layer), spec, store, rows.train, rows.val, out_dir,
-                      options, loss_fn=loss, progress=progress, make_input=feeds.make_input,
+                      student_options, loss_fn=loss, progress=progress, make_input=feeds.make_input,
                       extra_state={"loss_state": loss})
         results.update({"run": str(out_run), "name": name, "dir": str(out_dir), "student": arch, "input_size": size,
                         "methods": list(config.method), "formula": loss.formula(),
@@ -107,6 +111,18 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
             results["test"] = _write_metrics(out_dir, results["val"], results["metrics"])["test"]
             stage.complete(results={k: v for k, v in results.items() if k not in ("teacher",)})
     return results
+
+
+RANKER_TIME_SHARE = 0.5  # of --time-limit, at most, for a ranking teacher trained in the stage
+
+
+def time_left(options: TrainOptions, spent_seconds: float) -> TrainOptions:
+    """`options` with `time_limit` less what the stage has spent before the student's training
+    (the ranker trained here), so that --time-limit bounds the whole stage. At least one
+    second is left: the student then trains one epoch, which a cut schedule always keeps."""
+    if options.time_limit is None:
+        return options
+    return replace(options, time_limit=max(options.time_limit - spent_seconds / 60, 1 / 60))
 
 
 def _config(config: DistillOptions | None, settings: dict[str, Any]) -> DistillOptions:
@@ -236,13 +252,16 @@ class _Feeds:
                    config: DistillOptions, options: TrainOptions, progress: ProgressFn | None) -> None:
         """The ranking teacher of --method ordinal: the one given, or one trained here first (from
         the student's pretrained weights, validated by val rank accuracy, best epoch kept, early
-        stopped; at most --rank-epochs, else the student's epochs). `rank_info` carries its
+        stopped; at most --rank-epochs, else the student's epochs, and at most RANKER_TIME_SHARE
+        of --time-limit). `rank_info` carries its
         val rank accuracy, best and per epoch."""
         rank_path = Path(rank_teacher) if rank_teacher else None
         if rank_path is None:
-            # the ranker is the paper's: trained on clean faces even when the student's are degraded
+            # the ranker is the paper's: trained on clean faces even when the student's are degraded;
+            # under a time limit it gets at most a share of it, the student the rest (`time_left`)
+            limit = options.time_limit * RANKER_TIME_SHARE if options.time_limit else None
             rank_options = replace(options, epochs=config.rank_epochs or options.epochs, resume=False,
-                                   robust_augment=0.0)
+                                   robust_augment=0.0, time_limit=limit)
             rank_path = train_rank_teacher(store, rows.train_labelled, rows.val, out_dir / "rank_teacher", arch=arch,
                                            size=size, k=config.rank_k, options=rank_options, pretrained=pretrained,
                                            alignment=store.manifest.get("alignment"), progress=progress)
