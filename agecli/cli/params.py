@@ -133,7 +133,8 @@ DISTILLATION: dict[str, Any] = {
                                                                       "[default: pooled features]")],
     "ordinal_weight": Annotated[float, _option(panel=_KD, help="ordinal: weight of the ranking-teacher loss")],
     "rank_k": Annotated[int, _option(panel=_KD, help="ordinal: faces per shuffled sequence when training the ranker")],
-    "rank_epochs": Annotated[Optional[int], _option(panel=_KD, help="ordinal: ranker epochs [default: --epochs]; it gets at most half of --time-limit")],
+    "rank_epochs": Annotated[Optional[int], _option(panel=_KD, help="ordinal: ranker epochs [default: --epochs]; "
+                                                                    "it gets at most half of --time-limit")],
     "teacher_views": Annotated[int, _option(
         "--teacher-views", metavar="K", panel=_KD,
         help="label K fixed augmented crops of each training face with the teacher once, and train on those "
