@@ -253,8 +253,7 @@ class _Feeds:
         """The ranking teacher of --method ordinal: the one given, or one trained here first (from
         the student's pretrained weights, validated by val rank accuracy, best epoch kept, early
         stopped; at most --rank-epochs, else the student's epochs, and at most RANKER_TIME_SHARE
-        of --time-limit). `rank_info` carries its
-        val rank accuracy, best and per epoch."""
+        of --time-limit). `rank_info` carries its val rank accuracy, best and per epoch."""
         rank_path = Path(rank_teacher) if rank_teacher else None
         if rank_path is None:
             # the ranker is the paper's: trained on clean faces even when the student's are degraded;
