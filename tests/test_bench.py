@@ -214,3 +214,60 @@ def test_a_stage_model_is_named_after_its_stage(tmp_path):
 
     stage = tmp_path / "distill" / "kd"
     assert checkpoint_name(stage / "best.pt") == "kd" and checkpoint_name(stage / "extra.pt") == "extra"
+
+
+def test_add_measures_only_new_models_and_keeps_the_others(tmp_path, bench_run):
+    """`add=True` measures the models a finished bench lacks (or those named), keeps every
+    other row, corruption row and summary, and refuses rows measured differently."""
+    import shutil
+
+    from agecli.stages.bench import bench_inputs
+
+    run = tmp_path / "run"
+    shutil.copytree(bench_run, run, ignore=shutil.ignore_patterns("bench", "report.md", ".lock*"))
+    opts = dict(backends=("eager",), threads=2, warmup=1, repeats=3, batch_sizes=(1, 4), corruptions=True,
+                corruption_names=["contrast"], severities=(1,), corruption_limit=12, include_reference=False,
+                report=False)
+    teacher, student = run / "train" / "mobilenet_v3_small" / "best.pt", run / "distill" / "shufflenet" / "best.pt"
+    first = bench(run, models=[str(teacher)], **opts)
+    assert [r["model"] for r in first["rows"]] == ["mobilenet_v3_small"]
+
+    second = bench(run, add=True, **opts)
+    assert [b["models"] for b in second["benches"]] == [["mobilenet_v3_small"], ["scratch", "shufflenet"]]
+    rows = {r["model"]: r for r in second["rows"]}
+    assert set(rows) == {"mobilenet_v3_small", "scratch", "shufflenet"}
+    old = first["rows"][0]
+    assert rows["mobilenet_v3_small"]["latency_ms"] == old["latency_ms"], "a benched model is not measured again"
+    first_started, second_started = (b["started"] for b in second["benches"])
+    assert rows["mobilenet_v3_small"]["measured"] == first_started
+    assert rows["shufflenet"]["measured"] == rows["scratch"]["measured"] == second_started
+    assert ("shufflenet", "mobilenet_v3_small") in {(s["student"], s["teacher"]) for s in second["speedups"]}
+    assert set(second["robustness"]) == set(rows)
+    out = run / "bench"
+    assert set(pd.read_csv(out / "corruptions.csv")["model"]) == set(rows)
+    assert set(pd.read_csv(out / "error_by_age.csv")["model"]) == set(rows)
+    assert len(pd.read_csv(out / "bench.csv")) == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["inputs"] == bench_inputs(run, include_reference=False), "a recipe sees the bench as current"
+
+    before = (out / "bench.json").read_bytes()
+    again = bench(run, add=True, **opts)  # nothing new: nothing measured, nothing rewritten
+    assert (out / "bench.json").read_bytes() == before and len(again["table"]) == 3
+    assert again["measured_now"] == [] and second["measured_now"] == ["scratch", "shufflenet"]
+
+    # settings not given are the bench's own (threads 2, one corruption, ...), so nothing differs
+    replaced = bench(run, add=True, models=[str(student)], include_reference=False, report=False)
+    assert set(replaced["robustness"]["shufflenet"]["by_corruption"]) == {"contrast"}
+    rows = {r["model"]: r for r in replaced["rows"]}
+    assert len(replaced["rows"]) == 3 and replaced["benches"][-1]["models"] == ["shufflenet"]
+    assert rows["shufflenet"]["measured"] == replaced["benches"][-1]["started"]
+    assert rows["scratch"]["measured"] == second_started and len(replaced["benches"]) == 3
+
+    before = (out / "bench.json").read_bytes()
+    with pytest.raises(AgecliError, match=r"threads: 2 there, 1 now.*without --add"):
+        bench(run, add=True, models=[str(student)], **{**opts, "threads": 1})
+    with pytest.raises(AgecliError, match="corruption_limit"):
+        bench(run, add=True, models=[str(student)], **{**opts, "corruption_limit": 10})
+    assert (out / "bench.json").read_bytes() == before, "a refused --add leaves the bench as it was"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

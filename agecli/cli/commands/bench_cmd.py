@@ -84,6 +84,10 @@ def _print_notes(results: dict, console) -> None:
     for model, s in results.get("robustness", {}).items():
         console.print(f"  {model}: clean MAE {s['clean_mae']:.2f}, mCE {s['mce']:.2f} "
                       f"({s['mce_relative']:.2f}x clean) on {s['faces']} corrupted test faces", highlight=False)
+    if results.get("measured_now") == []:
+        console.print(f"nothing to add: {results['run']}/bench holds every model already (name some with --models "
+                      "to measure them again)", highlight=False)
+        return
     console.print(f"wrote {results['run']}/bench/ (bench.csv, bench.json, plots) and {results.get('report', '')}",
                   highlight=False)
 
@@ -113,7 +117,8 @@ memory, MAE / CS(5) / gender accuracy on the test split, and each student's spee
 each teacher. A run whose test faces have no age labels (`prepare folder`) gets
 mae_vs_reference instead: the mean |model age - dlib-age age| on the same faces. Writes
 RUN/bench/ (bench.csv, bench.json, mae_vs_latency.png, error_by_age.png, corruptions.png)
-and RUN/report.md.
+and RUN/report.md. With --add, the models already in RUN/bench keep their rows and only the
+new ones are measured (same options and machine as that bench, else refused).
 
 \b
 Examples:
@@ -121,6 +126,7 @@ Examples:
   agecli bench --run runs/utkface --threads 2 --backend eager --backend compile
   agecli bench --corruptions --severities 1,3,5    # + ImageNet-C robustness (mCE)
   agecli bench --models runs/utkface/distill/mobilenet/best.pt --models dlib-age
+  agecli bench --add                               # only the models trained since the last bench
   agecli bench --device cuda --json > bench.json"""
 
 
@@ -134,39 +140,45 @@ def bench_command(
     models: Optional[List[str]] = typer.Option(None, "--models",
                                                help="checkpoint(s) to bench instead of the run's (repeat; "
                                                     "'dlib-age' adds the reference model) [default: the run's]"),
-    device: str = typer.Option("cpu", autocompletion=complete_devices,
-                               help="cpu | cuda | cuda:N: the device is what bench measures, so it is never "
-                                    "guessed (no auto)"),
-    corruptions: bool = typer.Option(False, "--corruptions", help="ImageNet-C: MAE per corruption and severity, mCE"),
+    device: Optional[str] = typer.Option(None, autocompletion=complete_devices,
+                                         help="cpu | cuda | cuda:N: the device is what bench measures, so it is "
+                                              "never guessed (no auto) [default: cpu]"),
+    corruptions: Optional[bool] = typer.Option(None, "--corruptions/--no-corruptions",
+                                               help="ImageNet-C: MAE per corruption and severity, mCE [default: no]"),
     corruption: Optional[List[str]] = typer.Option(None, "--corruption", autocompletion=_complete_corruptions,
                                                    help="only these corruptions or families (repeat) [default: all 15]"),
-    severities: str = typer.Option("1,2,3,4,5", help="comma-separated severities for --corruptions"),
-    corruption_limit: int = typer.Option(500, min=1, help="test faces corrupted, evenly spaced (a number above "
-                                                          "the test split takes them all)"),
+    severities: Optional[str] = typer.Option(None, help="comma-separated severities for --corruptions "
+                                                         "[default: 1,2,3,4,5]"),
+    corruption_limit: Optional[int] = typer.Option(None, min=1, help="test faces corrupted, evenly spaced (a number "
+                                                                     "above the test split takes them all) "
+                                                                     "[default: 500]"),
     threads: Optional[int] = typer.Option(None, min=1, max=1024,
                                           help="torch / onnxruntime CPU threads [default: torch's]"),
-    batch_sizes: str = typer.Option("1,32", help="latency batch, throughput batch"),
+    batch_sizes: Optional[str] = typer.Option(None, help="latency batch, throughput batch [default: 1,32]"),
     backend: Optional[List[BackendChoice]] = typer.Option(None, "--backend", "-b",
                                                 help="the runtimes to time (repeat) [default: eager and "
                                                      "onnxruntime; compile takes minutes on CPU]"),
     no_reference: bool = typer.Option(False, "--no-reference", help="leave out the dlib-age reference row"),
-    warmup: int = typer.Option(10, min=0, help="untimed calls before timing"),
-    repeats: int = typer.Option(50, min=1, help="timed calls at the latency batch"),
-    seed: int = typer.Option(0, min=0, help="seed of the corruptions"),
+    warmup: Optional[int] = typer.Option(None, min=0, help="untimed calls before timing [default: 10]"),
+    repeats: Optional[int] = typer.Option(None, min=1, help="timed calls at the latency batch [default: 50]"),
+    seed: Optional[int] = typer.Option(None, min=0, help="seed of the corruptions [default: 0]"),
+    add: bool = typer.Option(False, "--add", help="measure only --models (else the run's models RUN/bench lacks) "
+                                                  "and keep the bench's other rows; options not given are that "
+                                                  "bench's, and other options or another machine are refused"),
     as_json: bool = typer.Option(False, "--json", help="print the table as one JSON object"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     from agecli.progress import rich_progress
-    from agecli.stages.bench import DEFAULT_BACKENDS, bench
+    from agecli.stages.bench import bench
 
     with rich_progress(quiet or as_json) as progress:
         results = bench(run, models=models, device=device, corruptions=corruptions,
                         severities=_ints(severities, "severities"), corruption_names=corruption or None,
                         corruption_limit=corruption_limit, threads=threads,
                         batch_sizes=_ints(batch_sizes, "batch-sizes"),
-                        backends=tuple(plain(backend) if backend else DEFAULT_BACKENDS),
+                        backends=tuple(plain(backend)) if backend else None,
                         include_reference=not no_reference, warmup=warmup, repeats=repeats, seed=seed,
-                        progress=progress)
+                        add=add, progress=progress)
     if as_json:
         from agecli.cli.commands import emit_json
 
@@ -175,9 +187,11 @@ def bench_command(
         print_table(results)
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str | None, what: str) -> list[int] | None:
     from agecli.errors import AgecliError
 
+    if text is None:
+        return None
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:

