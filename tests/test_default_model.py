@@ -36,6 +36,30 @@ def test_the_default_model_is_a_checkpoint_with_its_card():
     assert re.search(rf"\b{spec.input_size} x {spec.input_size} RGB", card)
 
 
+def test_its_teachers_graphs_rebuild_from_its_provenance(tmp_path):
+    """benchmarks/student_latency.py --teacher-graphs times the default against networks built
+    from what its checkpoint says of its teachers (their files are not shipped): two
+    dlib_facerec at 150 px, the 5.60 M parameters of the teacher rows in docs/results.md."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("student_latency", REPO / "benchmarks" / "student_latency.py")
+    bench_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_script)
+    paths = bench_script.teacher_graphs("default", tmp_path)
+    assert len(paths) == 2 and all(Path(p).is_relative_to(tmp_path) for p in paths)
+    for path in paths:
+        model, graph = load_checkpoint(path)
+        assert (graph.arch, graph.input_size, graph.gender) == ("dlib_facerec", 150, True)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 5.60
+    from agecli.modeling.checkpoint import save_checkpoint
+
+    student, student_spec = load_checkpoint(default_model_path())
+    student_spec.provenance = {}  # a model trained without a teacher names none
+    save_checkpoint(tmp_path / "plain.pt", student, student_spec)
+    with pytest.raises(SystemExit, match="names no checkpoint teachers"):
+        bench_script.teacher_graphs(str(tmp_path / "plain.pt"), tmp_path / "none")
+
+
 def test_names_resolve_in_one_place(tmp_path):
     assert resolve_model_ref("default") == default_model_path()
     assert resolve_model_ref("dlib-age") == "dlib-age"
