@@ -291,7 +291,10 @@ def test_jobs_runs_a_section_in_child_processes_records_and_skips(tmp_path):
     assert groups[0]["test_mae_range"] == pytest.approx(abs(tests[0] - tests[1]))
     assert groups[0]["test_mae_mean"] == pytest.approx(sum(tests) / 2)
     assert "## 5. Seeds" in (run / "report.md").read_text()
-    # children read the run's own copy of the recipe and leave it as the parent wrote it
+    # children read the parent's recipe frozen under RUN/logs and leave RUN/recipe.yaml as it wrote it
+    frozen = list((run / "logs").glob("recipe-*.yaml"))
+    assert len(frozen) == 1 and frozen[0].read_text() == (run / "recipe.yaml").read_text()
+    assert frozen[0].name in json.loads((run / "train" / "a" / "manifest.json").read_text())["command"]
     assert (run / "recipe.yaml").read_text().count("# copied by `agecli run`") == 1
 
     logs_written = {p.name: p.stat().st_mtime_ns for p in (run / "logs").iterdir()}
@@ -335,6 +338,26 @@ def test_a_step_that_reads_a_later_step_of_its_section_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_jobs_children_run_their_parents_recipe_whatever_rewrites_the_runs_copy(tmp_path, monkeypatch):
+    """Another `agecli run` on the same run (another recipe) rewrites RUN/recipe.yaml; the
+    children of a --jobs run started after that still run the steps their parent planned."""
+    from agecli.recipes import children
+
+    run = build_store(tmp_path / "run", *synthetic_faces(160, 32), dataset="synthetic")
+    other = "train:\n  - {name: z, arch: mobilenet_v3_small, size: 32, epochs: 1}\n"
+    start = children._start
+
+    def rewrite_then_start(step, row, run_dir, *rest):
+        (run_dir / "recipe.yaml").write_text(other)  # what a concurrent `agecli run other.yaml` does
+        return start(step, row, run_dir, *rest)
+
+    monkeypatch.setattr(children, "_start", rewrite_then_start)
+    run_recipe(_recipe(TWO_TRAIN_STEPS, tmp_path), run, jobs=2, only=["train"])
+    for name in ("a", "b"):
+        assert json.loads((run / "train" / name / "manifest.json").read_text())["status"] == "complete"
+    assert not (run / "train" / "z").exists()
+
+
 def test_jobs_waits_for_a_step_whose_model_the_next_one_starts_from(tmp_path):
     """Under --jobs, b (initialised from a's best.pt) starts only once a has finished;
     started together, b would fail on a missing file."""

@@ -29,8 +29,9 @@ resumes it. The recipe as given (plus `--set` overrides) is copied into the run.
 `only` (CLI `--step LABEL`, repeatable) runs just the named steps: a label such as
 `train/teacher`, or a section name for all of its steps; the others show as "not selected".
 `jobs` (CLI `--jobs N`) runs up to N independent steps of one section at once, each as a
-child `python -m agecli run RUN/recipe.yaml --step LABEL` logging to RUN/logs/<label>.log,
-for a GPU that one small model leaves idle. Sections still run one after another, and a
+child `python -m agecli run RUN/logs/recipe-<hash>.yaml --step LABEL` (the recipe as the
+parent runs it, frozen: RUN/recipe.yaml is rewritten by any later `agecli run` on the run)
+logging to RUN/logs/<label>.log, for a GPU that one small model leaves idle. Sections still run one after another, and a
 failed step stops the run once its running siblings have finished.
 
 Modules, each importing only those above it:

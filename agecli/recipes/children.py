@@ -1,5 +1,6 @@
 """`--jobs N`: the steps of one section run N at a time, each as a child process
-`python -m agecli run RUN/recipe.yaml --step LABEL` logging to RUN/logs/<label>.log.
+`python -m agecli run RUN/logs/recipe-<hash>.yaml --step LABEL` (the parent's recipe, frozen)
+logging to RUN/logs/<label>.log.
 
 A step starts only once the steps of its section whose output it reads have finished
 (`needs`). After a failure no new step starts; the running ones finish and are recorded,
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from agecli.errors import AgecliError
 from agecli.progress import log
 from agecli.recipes.plan import needs
-from agecli.recipes.recipe import RECIPE_FILE, Step
+from agecli.recipes.recipe import Step
 
 LOGS_DIR = "logs"                 # RUN/logs/<label>.log: the output of steps run as child processes
 
@@ -35,9 +36,9 @@ class _Child:
     started: float
 
 
-def child_command(step: Step, run: Path, root) -> list[str]:
-    """`agecli run` on the run's own copy of the recipe (overrides already applied) for one step."""
-    command = [sys.executable, "-m", "agecli", "run", str(run / RECIPE_FILE), "--run", str(run),
+def child_command(step: Step, run: Path, recipe_file: Path, root) -> list[str]:
+    """`agecli run` for one step, on the parent's frozen copy of the recipe (overrides applied)."""
+    command = [sys.executable, "-m", "agecli", "run", str(recipe_file), "--run", str(run),
                "--step", step.label, "--quiet", "--no-state"]
     return command + (["--root", str(root)] if root is not None else [])
 
@@ -54,7 +55,7 @@ def _child_env(jobs: int) -> dict[str, str]:
     return env
 
 
-def run_in_children(runnable: list[tuple[Step, dict[str, Any]]], run: Path, root, jobs: int,
+def run_in_children(runnable: list[tuple[Step, dict[str, Any]]], run: Path, recipe_file: Path, root, jobs: int,
                     record: Callable[[Step, float], None], quiet: bool) -> None:
     """Run one section's steps up to `jobs` at a time as child processes. After a failure no
     new step starts, the running ones finish (and are recorded), then AgecliError says why."""
@@ -71,7 +72,7 @@ def run_in_children(runnable: list[tuple[Step, dict[str, Any]]], run: Path, root
                 if ready is None:
                     break
                 waiting.remove(ready)
-                running.append(_start(*ready, run, root, env, quiet))
+                running.append(_start(*ready, run, recipe_file, root, env, quiet))
             time.sleep(0.2)
             for child in [c for c in running if c.process.poll() is not None]:
                 running.remove(child)
@@ -93,10 +94,11 @@ def _next_ready(waiting: list[tuple[Step, dict[str, Any]]], running: list[_Child
     return ready[0] if ready else None
 
 
-def _start(step: Step, row: dict[str, Any], run: Path, root, env: dict[str, str], quiet: bool) -> _Child:
+def _start(step: Step, row: dict[str, Any], run: Path, recipe_file: Path, root, env: dict[str, str],
+           quiet: bool) -> _Child:
     log_path = run / LOGS_DIR / (step.label.replace("/", "__") + ".log")
     log_file = open(log_path, "w", encoding="utf-8")
-    process = subprocess.Popen(child_command(step, run, root), stdout=log_file,
+    process = subprocess.Popen(child_command(step, run, recipe_file, root), stdout=log_file,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     log(f"[bold]{step.label}[/]: {row['call']} (process {process.pid}, log {log_path})", quiet)
     return _Child(step, row, log_path, process, log_file, time.perf_counter())

@@ -9,6 +9,7 @@ section may run as child processes (`jobs`, agecli.recipes.children).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 
 from agecli.errors import AgecliError
 from agecli.progress import ProgressFn, log
-from agecli.recipes.children import run_in_children
+from agecli.recipes.children import LOGS_DIR, run_in_children
 from agecli.recipes.kinds import STAGE_KINDS
 from agecli.recipes.plan import call_arguments, plan
 from agecli.recipes.recipe import RECIPE_FILE, Recipe, Step, did_you_mean
@@ -60,7 +61,8 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
         return out
     _require_devices(steps, rows)
     run.mkdir(parents=True, exist_ok=True)
-    _copy_recipe(recipe, run)
+    if record_state:  # a child leaves the run's copy to its parent
+        _copy_recipe(recipe, run)
 
     def record(step: Step, seconds: float) -> None:
         if record_state:
@@ -72,7 +74,7 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
     for section_steps in _by_section(list(zip(steps, rows))):
         runnable = _runnable(section_steps, quiet)
         if jobs > 1 and len(runnable) > 1:
-            run_in_children(runnable, run, root, jobs, record, quiet)
+            run_in_children(runnable, run, frozen_recipe(recipe, run), root, jobs, record, quiet)
         else:
             for step, row in runnable:
                 _run_here(step, row, run, root, progress, quiet)
@@ -220,17 +222,34 @@ def _prepare_resume(step: Step, run: Path, quiet: bool) -> None:
 
 def _copy_recipe(recipe: Recipe, run: Path) -> None:
     if recipe.path is not None and recipe.path.resolve() == (run / RECIPE_FILE).resolve() and not recipe.overrides:
-        return  # the run's own copy (a child step, or a re-run from it): already there as is
+        return  # the run's own copy (a re-run from it): already there as is
+    write_text(run / RECIPE_FILE, recipe_text(recipe))
+
+
+def recipe_text(recipe: Recipe) -> str:
+    """The recipe as run: its text, or with `--set` overrides the effective recipe, under a
+    header saying where it came from."""
     header = ""
     if recipe.path is not None:
         header += f"# copied by `agecli run` from {recipe.path}\n"
     if recipe.overrides:
         header += "# with overrides: " + " ".join(f"--set {o}" for o in recipe.overrides) + "\n"
         header += "# effective recipe (overrides applied):\n"
-        body = yaml.safe_dump(recipe.data, sort_keys=False)
-    else:
-        body = recipe.text
-    write_text(run / RECIPE_FILE, header + body)
+        return header + yaml.safe_dump(recipe.data, sort_keys=False)
+    return header + recipe.text
+
+
+def frozen_recipe(recipe: Recipe, run: Path) -> Path:
+    """RUN/logs/recipe-<hash>.yaml: the recipe as this invocation runs it, for its child
+    processes. RUN/recipe.yaml is rewritten by any later `agecli run` on the run (another
+    recipe, or the same one edited), so children started after that would read steps their
+    parent never planned; a file named by its content never changes."""
+    text = recipe_text(recipe)
+    path = run / LOGS_DIR / f"recipe-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, text)
+    return path
 
 
 def read_state(run: Path) -> dict[str, Any]:

@@ -43,9 +43,9 @@ def run_cmd(
     resumes it. The recipe is copied into the run as recipe.yaml.
 
     --step picks steps to run (the rest show as "not selected"). --jobs N runs the steps of
-    each section N at a time as `python -m agecli run RUN/recipe.yaml --step LABEL`, each logging
-    to RUN/logs/LABEL.log; sections still run in order, and a failure stops the run after the
-    running steps of its section finish.
+    each section N at a time as `python -m agecli run RUN/logs/recipe-HASH.yaml --step LABEL` (this
+    recipe, frozen), each logging to RUN/logs/LABEL.log; sections still run in order, and a
+    failure stops the run after the running steps of its section finish.
 
     Examples:
 
