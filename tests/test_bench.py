@@ -124,9 +124,10 @@ def test_cli_json(bench_run):
     import subprocess
     import sys
 
+    # timeouts guard against a hang, not for speed: 20 s on an idle CPU, over 300 s on a loaded one
     proc = subprocess.run([sys.executable, "-m", "agecli.cli", "bench", "--run", str(bench_run), "--backend", "eager",
                            "--no-reference", "--repeats", "3", "--warmup", "1", "--batch-sizes", "1,4", "--json",
-                           "--threads", "2"], capture_output=True, text=True, timeout=300)
+                           "--threads", "2"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert {r["model"] for r in data["table"]} == {"mobilenet_v3_small", "scratch", "shufflenet"}
