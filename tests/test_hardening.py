@@ -282,9 +282,12 @@ def test_shard_locks_exclude_the_full_job_but_not_each_other(tmp_path):
 
 
 def _start_prepare(run: Path, limit: int) -> subprocess.Popen:
+    # Ctrl-C as at a terminal: a suite started in the background (`cmd &`) passes SIGINT on
+    # ignored, and Python then keeps it ignored, so the child would never see it
     return subprocess.Popen([sys.executable, "-m", "agecli", "prepare", "utkface", "--root", str(UTKFACE_DIR),
                              "--run", str(run), "--limit", str(limit), "--size", "32", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_running(run: Path, process: subprocess.Popen, timeout: float = 120) -> None:
