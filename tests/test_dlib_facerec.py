@@ -182,6 +182,54 @@ def test_fewer_blocks_per_stage_inherit_the_same_blocks(pretrained):
         fr.DlibFaceRec(depths=(0, 4))
 
 
+def test_narrowed_blocks_keep_the_strongest_filters_and_compute_the_masked_network(pretrained):
+    """A block whose first conv keeps 3/4 of its filters computes exactly what the full
+    block computes with the other filters' outputs set to zero; the kept ones are those of
+    largest affine-scaled L1 norm, and the stream between blocks keeps its full width."""
+    depths = (1, 2, 2)
+    narrow = fr.pretrained_facerec(depths=depths, inner=0.75)
+    full = fr.pretrained_facerec(depths=depths)
+    kept_by_block, hooks = {}, []
+    for (name, block), narrow_block in zip(_blocks(full), (b for _, b in _blocks(narrow))):
+        width = block.conv1.out_channels
+        assert narrow_block.conv1.out_channels == fr.inner_width(width, 0.75) == width * 3 // 4
+        assert narrow_block.conv2.out_channels == width  # the residual stream is not narrowed
+        strength = block.conv1.weight.abs().sum(dim=(1, 2, 3)) * block.affine1.scale.abs().reshape(-1)
+        kept = torch.sort(torch.topk(strength, narrow_block.conv1.out_channels).indices).values
+        kept_by_block[name] = kept
+        assert torch.equal(narrow_block.conv1.weight, block.conv1.weight[kept]), name
+        assert torch.equal(narrow_block.conv2.weight, block.conv2.weight[:, kept]), name
+        mask = torch.zeros(width)
+        mask[kept] = 1
+        hooks.append(block.affine1.register_forward_hook(
+            lambda module, args, out, mask=mask.view(1, -1, 1, 1): out * mask))
+    x = torch.randn(3, 3, 92, 92, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = full(x)
+        for hook in hooks:
+            hook.remove()
+        assert torch.allclose(narrow(x), masked, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(full(x), masked, rtol=1e-2, atol=1e-3)  # the pruning did change it
+    assert narrow.embedding is None
+    assert [fr.inner_width(w, 0.5) for w in (32, 64, 128)] == [16, 32, 64]
+    with pytest.raises(ValueError, match="inner"):
+        fr.DlibFaceRec(depths=depths, inner=0)
+
+
+def _blocks(model: fr.DlibFaceRec):
+    return [(f"{s}.{b}", block) for s, stage in enumerate(model.stages) for b, block in enumerate(stage)]
+
+
+def test_narrowed_student_backbones_build_from_the_file(pretrained):
+    from agecli.modeling.backbones import build_model, count_parameters
+    from agecli.modeling.encodings import build_encoding
+
+    sizes = {arch: count_parameters(build_model(arch, build_encoding("ldae"), pretrained="dlib").backbone.body)
+             for arch in ("dlib_facerec3_slim", "dlib_facerec3_slim75", "dlib_facerec3_slim50")}
+    assert sizes["dlib_facerec3_slim"] > sizes["dlib_facerec3_slim75"] > sizes["dlib_facerec3_slim50"]
+    assert sizes["dlib_facerec3_slim75"] < 0.8 * sizes["dlib_facerec3_slim"]
+
+
 def test_missing_package_names_it(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

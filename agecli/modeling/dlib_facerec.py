@@ -370,14 +370,16 @@ def _pad_to(x: torch.Tensor, size: list[int]) -> torch.Tensor:
 class _ResidualBlock(nn.Module):
     """conv-affine-relu-conv-affine plus shortcut, then relu. With `down`, the first conv has
     stride 2 and no padding and the shortcut is a 2x2/2 average pool; the two may then differ
-    in width (and in the last blocks in size), which the zero-padded add absorbs."""
+    in width (and in the last blocks in size), which the zero-padded add absorbs. `inner`:
+    the first conv's width (default `cout`); only the block sees it, so it can be narrower."""
 
-    def __init__(self, cin: int, cout: int, down: bool, folded: bool = False):
+    def __init__(self, cin: int, cout: int, down: bool, folded: bool = False, inner: int | None = None):
         super().__init__()
         self.down = down
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2 if down else 1, padding=0 if down else 1)
-        self.affine1 = _affine(cout, folded)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        inner = inner or cout
+        self.conv1 = nn.Conv2d(cin, inner, 3, stride=2 if down else 1, padding=0 if down else 1)
+        self.affine1 = _affine(inner, folded)
+        self.conv2 = nn.Conv2d(inner, cout, 3, padding=1)
         self.affine2 = _affine(cout, folded)
 
     def forward(self, x):
@@ -390,12 +392,20 @@ def _affine(channels: int, folded: bool) -> nn.Module:
     return nn.Identity() if folded else DlibAffine(channels)
 
 
-def _stage(cin: int, width: int, downs: tuple[bool, ...], folded: bool) -> nn.Sequential:
+def _stage(cin: int, width: int, downs: tuple[bool, ...], folded: bool, inner: float) -> nn.Sequential:
     blocks = []
     for down in downs:
-        blocks.append(_ResidualBlock(cin, width, down, folded))
+        blocks.append(_ResidualBlock(cin, width, down, folded, inner_width(width, inner)))
         cin = width
     return nn.Sequential(*blocks)
+
+
+def inner_width(width: int, fraction: float) -> int:
+    """A block's first-conv width at `fraction` of the stage's, in multiples of 8 (ONNX
+    Runtime's blocked convolutions run whole groups of 8 or 16 channels)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"inner must be in (0, 1], not {fraction}")
+    return max(8, int(round(width * fraction / 8)) * 8)
 
 
 class DlibFaceRec(nn.Module):
@@ -408,7 +418,9 @@ class DlibFaceRec(nn.Module):
     embedding. `depths` (blocks kept per stage, the leading ones: e.g. (1, 2, 2)) goes
     further, leaving out later blocks of a stage; the first block of each stage, which
     changes width, always stays. The full network's blocks keep the same names, so
-    weights carry over.
+    weights carry over. `inner` < 1 narrows every block's first conv to that fraction of
+    its stage's width (the residual stream keeps its width): the block's two convs then cost
+    that fraction; `load_facerec_weights` keeps the file's filters with the largest weights.
 
     `folded`: every affine layer is folded into the conv before it (`fold_affine`), which is
     how the network fine-tunes. As stored, the conv weights are tiny (std 0.002-0.017) and
@@ -418,18 +430,20 @@ class DlibFaceRec(nn.Module):
     (measured on real faces, the affine layers trainable or frozen alike). Folded, the
     convs have ordinary weight scales (the same function) and fine-tune like any network."""
 
-    def __init__(self, stages: int = 4, folded: bool = False, depths: tuple[int, ...] | None = None):
+    def __init__(self, stages: int = 4, folded: bool = False, depths: tuple[int, ...] | None = None,
+                 inner: float = 1.0):
         super().__init__()
         self.depths = full_depths(stages) if depths is None else check_depths(depths)
+        self.inner = inner
         self.stem = nn.Conv2d(3, 32, 7, stride=2, padding=0)
         self.stem_affine = _affine(32, folded)
         cin, kept = 32, []
         for (width, downs), depth in zip(STAGE_BLOCKS, self.depths):
-            kept.append(_stage(cin, width, downs[:depth], folded))
+            kept.append(_stage(cin, width, downs[:depth], folded, inner))
             cin = width
         self.stages = nn.Sequential(*kept)
         self.feature_dim = cin
-        full = self.depths == FULL_DEPTHS
+        full = self.depths == FULL_DEPTHS and inner == 1.0
         self.embedding = nn.Linear(cin, FACEREC_EMBEDDING_DIM, bias=False) if full else None
 
     def forward(self, x):
@@ -455,7 +469,9 @@ class DlibFaceRec(nn.Module):
 
 def load_facerec_weights(model: DlibFaceRec, path: Path | str | None = None) -> DlibFaceRec:
     """Copy the `.dat` weights into `model` (all of them, or the first stages' for a smaller
-    one), checking every conv's shape, stride and padding against the file."""
+    one), checking every conv's shape, stride and padding against the file. A block's first
+    conv narrower than the file's (`inner` < 1) gets the file's filters of largest weight
+    (`strongest_filters`), and the block's second conv the matching input channels."""
     net = read_dlib_net(path or facerec_weights_path())
     convs = [layer for layer in net.layers if layer.kind == "con"]
     affines = [layer for layer in net.layers if layer.kind == "affine"]
@@ -465,26 +481,48 @@ def load_facerec_weights(model: DlibFaceRec, path: Path | str | None = None) -> 
         raise AgecliError(f"the face-recognition file has {len(convs)} conv and {len(affines)} affine layers; "
                           f"dlib's network has {full_count} of each")
     with torch.no_grad():
+        inputs = None  # the input channels kept where the conv before was narrowed
         for (conv, affine), at in zip(pairs, file_positions(model.depths)):
-            con_layer, affine_layer = convs[at], affines[at]
-            _copy_conv(conv, con_layer)
-            affine.scale.copy_(_as_channels(affine_layer.arrays["scale"]))
-            affine.offset.copy_(_as_channels(affine_layer.arrays["offset"]))
+            scale, offset = affine_layer_arrays(affines[at])
+            weight = convs[at].arrays["weight"]
+            outputs = strongest_filters(weight, scale, conv.out_channels)
+            _copy_conv(conv, convs[at], outputs, inputs)
+            affine.scale.copy_(_as_channels(scale[outputs]))
+            affine.offset.copy_(_as_channels(offset[outputs]))
+            inputs = outputs if len(outputs) < len(weight) else None
         if model.embedding is not None:
             fc = next(layer for layer in net.layers if layer.kind == "fc")
             model.embedding.weight.copy_(torch.from_numpy(fc.arrays["weight"].T.copy()))
     return model
 
 
-def _copy_conv(conv: nn.Conv2d, layer: DlibLayer) -> None:
+def affine_layer_arrays(layer: DlibLayer) -> tuple[np.ndarray, np.ndarray]:
+    """An affine layer's per-channel scale and offset, flat."""
+    return layer.arrays["scale"].reshape(-1), layer.arrays["offset"].reshape(-1)
+
+
+def strongest_filters(weight: np.ndarray, scale: np.ndarray, count: int) -> np.ndarray:
+    """Indices (ascending) of the `count` filters whose affine-scaled weights have the
+    largest L1 norm: the filters that pass most signal on (Li et al. 2017, "Pruning filters
+    for efficient ConvNets"). All of them when `count` is the layer's width."""
+    if count >= len(weight):
+        return np.arange(len(weight))
+    strength = np.abs(weight).reshape(len(weight), -1).sum(axis=1) * np.abs(scale)
+    return np.sort(np.argsort(-strength, kind="stable")[:count])
+
+
+def _copy_conv(conv: nn.Conv2d, layer: DlibLayer, outputs: np.ndarray, inputs: np.ndarray | None) -> None:
     config = layer.config
-    found = (tuple(layer.arrays["weight"].shape), (config["stride_y"], config["stride_x"]),
+    weight, bias = layer.arrays["weight"][outputs], layer.arrays["bias"][outputs]
+    if inputs is not None:
+        weight = weight[:, inputs]
+    found = (tuple(weight.shape), (config["stride_y"], config["stride_x"]),
              (config["padding_y"], config["padding_x"]))
     wanted = (tuple(conv.weight.shape), conv.stride, conv.padding)
     if found != wanted:
         raise AgecliError(f"face-recognition file layer does not match the model: {found} vs {wanted}")
-    conv.weight.copy_(torch.from_numpy(layer.arrays["weight"]))
-    conv.bias.copy_(torch.from_numpy(layer.arrays["bias"]))
+    conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+    conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
 
 
 def _as_channels(values: np.ndarray) -> torch.Tensor:
@@ -504,6 +542,6 @@ def fold_affine(source: DlibFaceRec, target: DlibFaceRec) -> DlibFaceRec:
     return target
 
 
-def pretrained_facerec(stages: int = 4, depths: tuple[int, ...] | None = None) -> DlibFaceRec:
+def pretrained_facerec(stages: int = 4, depths: tuple[int, ...] | None = None, inner: float = 1.0) -> DlibFaceRec:
     """A DlibFaceRec with the installed CC0 weights, in eval mode."""
-    return load_facerec_weights(DlibFaceRec(stages, depths=depths)).eval()
+    return load_facerec_weights(DlibFaceRec(stages, depths=depths, inner=inner)).eval()
