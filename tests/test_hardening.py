@@ -497,3 +497,18 @@ def test_choices_are_validated_and_auto_is_the_default_device(small_run):
         device = {p.name: p for p in commands[command].params}["device"]
         assert device.default == "auto", command
     assert PrepareOptions().device == TrainOptions().device == "auto"
+
+
+def test_the_models_table_never_cuts_a_name_in_a_narrow_terminal():
+    """`agecli models` is where a user copies an --arch name from; at 80 columns rich used
+    to shorten the longest names to 'dlib_facerec3_sli…'."""
+    from typer.testing import CliRunner
+
+    from agecli.cli.app import app
+    from agecli.modeling.backbones import BACKBONES
+
+    out = CliRunner().invoke(app, ["models"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert out.exit_code == 0, out.output
+    assert max(len(line) for line in out.output.splitlines()) <= 80
+    cells = {cell.strip() for line in out.output.splitlines() for cell in line.split("│")}
+    assert set(BACKBONES) <= cells, sorted(set(BACKBONES) - cells)

@@ -63,7 +63,9 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print the ta
     from rich.table import Table
 
     table = Table(title="agecli backbones")
-    for col in ("name", "aliases", "params (M)", "default size", "family"):
+    # the name is what a user copies into --arch: never cut it, even in an 80-column terminal
+    table.add_column("name", min_width=max(len(r["name"]) for r in rows), no_wrap=True)
+    for col in ("aliases", "params (M)", "default size", "family"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], ", ".join(r["aliases"]), f"{r['params_m']:.2f}", str(r["default_size"]), r["family"])
