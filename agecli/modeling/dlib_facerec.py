@@ -434,7 +434,6 @@ class DlibFaceRec(nn.Module):
                  inner: float = 1.0):
         super().__init__()
         self.depths = full_depths(stages) if depths is None else check_depths(depths)
-        self.inner = inner
         self.stem = nn.Conv2d(3, 32, 7, stride=2, padding=0)
         self.stem_affine = _affine(32, folded)
         cin, kept = 32, []
