@@ -225,6 +225,32 @@ def test_a_checkpoint_claiming_huge_inputs_is_refused_before_anything_is_built(t
             load_checkpoint(tmp_path / "hostile.pt")
 
 
+def test_model_files_that_are_not_tensors_are_refused_in_agecli_words(tmp_path):
+    """A whole pickled module, a text file and a checkpoint cut short, given as --model and
+    as --init: each refusal says what the file is and what to give, and never repeats
+    torch's advice to load with weights_only=False."""
+    import torch
+
+    from agecli.modeling.backbones import build_model
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.modeling.encodings import build_encoding
+    from agecli.stages.common import load_init
+
+    model = train_tiny_checkpoint(build_store(tmp_path / "run", *synthetic_faces(60, 32)), tmp_path / "m.pt",
+                                  size=32, epochs=1, gender=False)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
+    (tmp_path / "notes.pt").write_text("not weights\n")
+    (tmp_path / "cut.pt").write_bytes(model.read_bytes()[:2000])
+    expected = {"pickled.pt": r"pickled Python object \(torch\.nn\.modules\.linear\.Linear\).*state_dict\(\)",
+                "notes.pt": "looks like a text file", "cut.pt": "truncated or damaged zip"}
+    target = build_model("mobilenet_v3_small", build_encoding({"name": "ldae"}), gender=False)
+    for name, what in expected.items():
+        for load in (load_checkpoint, lambda path: load_init(target, path)):
+            with pytest.raises(AgecliError, match=what) as error:
+                load(tmp_path / name)
+            assert "weights_only` set to `False" not in str(error.value)
+            assert name in str(error.value)
+
 def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
     from agecli.recipes import load_recipe, run_recipe
 

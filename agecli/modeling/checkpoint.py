@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,11 +133,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if kind != "torch":
         raise AgecliError(f"{path} is not an agecli checkpoint: it looks like {kind}. "
                           "ONNX models can be used as teachers with --teacher-spec; see `agecli distill --help`.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AgecliError(f"{path} could not be loaded safely (weights_only=True): {str(exc).splitlines()[0]}. "
-                          "agecli only loads files holding tensors and plain data.") from None
+    payload = load_torch_file(path, label=str(path))
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         what = _describe_payload(payload)
         raise AgecliError(f"{path} is not an agecli checkpoint ({what}). Use it with `agecli train --init {path}` "
@@ -146,6 +143,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                           f"(agecli {payload.get('spec', {}).get('agecli_version')}); this agecli {__version__} "
                           f"reads format {FORMAT_VERSION}.")
     return payload
+
+
+def load_torch_file(path: Path, *, label: str) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain data only, so a file from
+    elsewhere cannot run code. A refusal is explained in agecli's words: torch's own message
+    advises turning the check off, which agecli never does."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AgecliError(f"{label} could not be loaded safely: {_load_refusal(exc)}") from None
+
+
+def _load_refusal(exc: Exception) -> str:
+    """Why torch refused a file, and what to give instead."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return (f"it holds a pickled Python object ({pickled.group(1)}), not only tensors and plain data, and "
+                "agecli loads model files with weights_only=True so that no file can run code. Save the weights "
+                "alone instead: torch.save(model.state_dict(), PATH).")
+    if "weights only load failed" in text.lower():
+        return ("it is not a PyTorch save of tensors and plain data (agecli loads model files with "
+                "weights_only=True). Give an agecli checkpoint or a state dict saved with torch.save.")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"the file is damaged or not a PyTorch save ({first}). Save or copy it again."
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[AgeModel, ModelSpec]:
@@ -176,11 +198,13 @@ def load_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, s
 
 
 def sniff(path: Path) -> str:
-    """Guess a model file's kind from its first bytes: torch | onnx | text | unknown."""
+    """Guess a model file's kind from its first bytes: torch, or a phrase saying what it is instead."""
     with open(path, "rb") as handle:
         head = handle.read(64)
     if zipfile.is_zipfile(path) or head[:2] == b"\x80\x02":
         return "torch"
+    if head[:4] == b"PK\x03\x04":  # a zip without its directory at the end: a save or copy cut short
+        return "a truncated or damaged zip archive (a PyTorch save cut short?)"
     if head[:1] == b"\x08" and b"onnx" in open(path, "rb").read(4096).lower() or path.suffix == ".onnx":
         return "an ONNX model"
     if head.strip()[:1] in (b"{", b"["):

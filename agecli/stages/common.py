@@ -26,7 +26,7 @@ from agecli.engine import distributed
 from agecli.engine.inference import predict_store
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import BACKBONES, AgeModel, build_model
-from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, load_state, save_checkpoint
+from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, load_state, load_torch_file, save_checkpoint, sniff
 from agecli.modeling.encodings import Encoding
 from agecli.options import TrainOptions
 from agecli.progress import ProgressFn
@@ -120,11 +120,11 @@ def _init_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of an `--init` file, and what kind of file it was."""
     if not path.exists():
         raise AgecliError(f"--init {path} does not exist.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AgecliError(f"--init {path} could not be loaded safely (weights_only=True): "
-                          f"{str(exc).splitlines()[0]}. Give an agecli checkpoint or a saved state dict.") from None
+    kind = sniff(path)
+    if kind != "torch":
+        raise AgecliError(f"--init {path} is not a PyTorch file: it looks like {kind}. "
+                          "Give an agecli checkpoint or a state dict saved with torch.save.")
+    payload = load_torch_file(path, label=f"--init {path}")
     if isinstance(payload, dict) and payload.get("format") == "agecli.checkpoint":
         return payload["state_dict"], "agecli checkpoint"
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
