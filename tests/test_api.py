@@ -83,15 +83,36 @@ def test_paths_arrays_and_pil_images_give_the_same_faces():
 def test_bad_images_are_explained():
     from agecli.stages.estimator import as_rgb
 
-    with pytest.raises(AgecliError, match="uint8, or floats in"):
+    with pytest.raises(AgecliError, match="integers in 0-255 or floats in .* values 300..300"):
         as_rgb(np.full((20, 20, 3), 300, np.int32))
-    with pytest.raises(AgecliError, match=r"\(H, W\), \(H, W, 3\)"):
+    with pytest.raises(AgecliError, match=r"\(H, W\), \(H, W, 1\), \(H, W, 3\)"):
         as_rgb(np.zeros((20, 20, 5), np.uint8))
     with pytest.raises(AgecliError, match="cannot read"):
         as_rgb(Path(__file__))
+    with pytest.raises(AgecliError, match="reaches 255: divide it by 255"):
+        as_rgb(np.full((20, 20, 3), 255.0, np.float32))
+    with pytest.raises(AgecliError, match="NaN or infinite"):
+        as_rgb(np.full((20, 20, 3), np.nan, np.float32))
+    with pytest.raises(AgecliError, match="cannot decode the image bytes"):
+        as_rgb(b"not an image")
     grey = as_rgb(np.full((10, 12), 7, np.uint8))
     assert grey.shape == (10, 12, 3) and (grey == 7).all()
     assert as_rgb(np.zeros((9, 9, 4), np.uint8)).shape == (9, 9, 3)
+
+
+def test_the_usual_in_memory_forms_of_an_image_give_the_same_pixels():
+    """Encoded bytes (an upload), 16-bit and wider integer arrays, and (H, W, 1) grey all
+    become the uint8 RGB that reading the file gives."""
+    from agecli.stages.estimator import as_rgb
+
+    path = SAMPLE_PHOTOS / "astronaut.jpg"
+    rgb = as_rgb(path)
+    assert np.array_equal(as_rgb(path.read_bytes()), rgb)
+    assert np.array_equal(as_rgb(bytearray(path.read_bytes())), rgb)
+    assert np.array_equal(as_rgb(rgb.astype(np.uint16) * 257), rgb)
+    assert np.array_equal(as_rgb(rgb.astype(np.int64)), rgb)
+    grey = rgb[..., :1]
+    assert np.array_equal(as_rgb(grey), np.repeat(grey, 3, axis=2))
 
 
 def test_age_spread_is_the_standard_deviation_of_the_distribution():

@@ -178,10 +178,16 @@ def _join(parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | No
 
 # --------------------------------------------------------------------------- images
 def as_rgb(image: Any, *, bgr: bool = False) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from a path, a PIL image or a numpy array (uint8, or floats in [0, 1];
-    grey or with alpha; `bgr=True` for frames read by OpenCV)."""
+    """RGB uint8 (H, W, 3) from a path, an encoded file's bytes, a PIL image or a numpy array
+    (uint8, uint16, other integers in 0-255, or floats in [0, 1]; grey, (H, W, 1) or with
+    alpha; `bgr=True` for frames read by OpenCV)."""
     from agecli.data.faces import ImageError, read_image
 
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            return read_image("the image bytes", bytes(image))
+        except ImageError as exc:
+            raise AgecliError(f"cannot decode the image bytes given ({exc}).") from None
     if isinstance(image, (str, os.PathLike)):
         try:
             return read_image(image)
@@ -189,17 +195,38 @@ def as_rgb(image: Any, *, bgr: bool = False) -> np.ndarray:
             raise AgecliError(f"cannot read {image} as an image ({exc}).") from None
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         return np.ascontiguousarray(np.asarray(image.convert("RGB")))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.floating) or not (np.nanmin(array) >= 0 and np.nanmax(array) <= 1):
-            raise AgecliError(f"an image array must be uint8, or floats in [0, 1]; got {array.dtype}.")
-        array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+    array = _as_uint8(np.asarray(image))
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4) or min(array.shape[:2]) < 8:
-        raise AgecliError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), at least 8x8; got {array.shape}.")
+        raise AgecliError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), at least 8x8; "
+                          f"got {array.shape}.")
     array = array[..., :3]
     return np.ascontiguousarray(array[..., ::-1] if bgr else array)
+
+
+def _as_uint8(array: np.ndarray) -> np.ndarray:
+    """The array's pixels as uint8: 16-bit scaled down, floats in [0, 1] scaled up; any other
+    range is refused, since guessing it would shift every age."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16:  # 16-bit PNG or TIFF, scaled as agecli.data.faces.read_image scales the files
+        return (array >> 8).astype(np.uint8)
+    if array.size and np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating) and array.size:
+        if not np.isfinite(array).all():
+            raise AgecliError("an image array of floats must be finite; this one holds NaN or infinite values.")
+        if array.min() >= 0 and array.max() <= 1:
+            return np.round(array * 255).astype(np.uint8)
+        if array.min() >= 0 and array.max() <= 255:
+            raise AgecliError(f"an image array of floats must lie in [0, 1]; this {array.dtype} one reaches "
+                              f"{float(array.max()):g}: divide it by 255, or pass it as uint8.")
+    raise AgecliError(f"an image array must be uint8, uint16, integers in 0-255 or floats in [0, 1]; got "
+                      f"{array.dtype} {array.shape}" + (f" with values {array.min()}..{array.max()}" if array.size and
+                                                        np.issubdtype(array.dtype, np.number) else "") + ".")
 
 
 # --------------------------------------------------------------------------- the API
@@ -209,7 +236,7 @@ class AgeEstimator:
         from agecli import AgeEstimator
 
         estimator = AgeEstimator()       # the default model; or AgeEstimator("best.pt"), ("dlib-age")
-        for face in estimator.predict("agecli/sample/photos/group1.jpg"):  # a path, a PIL image, an RGB array
+        for face in estimator.predict("agecli/sample/photos/group1.jpg"):  # a path, bytes, a PIL image, an RGB array
             print(f"{face['age']:.0f} years (+/- {face['age_std']:.0f}), {face['gender']}, box {face['box']}")
 
     `model`: a checkpoint, an export, "default" or "dlib-age". Detection: faces scoring at
@@ -240,7 +267,8 @@ class AgeEstimator:
         return self.predictor.notes
 
     def predict(self, image: Any, *, bgr: bool = False) -> list[dict[str, Any]]:
-        """The faces of one image (a path, a PIL image or a numpy array), most confident first."""
+        """The faces of one image (a path, an encoded file's bytes, a PIL image or a numpy array),
+        most confident first."""
         return self.predict_many([image], bgr=bgr)[0]
 
     def predict_many(self, images: Sequence[Any], *, bgr: bool = False) -> list[list[dict[str, Any]]]:
