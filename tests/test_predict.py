@@ -109,6 +109,29 @@ def test_annotate_never_writes_over_an_input(tmp_path):
     assert photo.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["me.jpg"]
 
 
+def test_a_users_files_are_replaced_only_with_force(tmp_path):
+    """--out replaces what predict wrote, not a user's file; --annotate reuses a folder agecli
+    made but writes into someone else's only with --force."""
+    from agecli.stages.predict import predict
+
+    photo = PHOTOS / "astronaut.jpg"
+    mine, theirs = tmp_path / "mine.csv", tmp_path / "ann" / "astronaut.jpg"
+    mine.write_text("name,notes\nme,precious\n")
+    theirs.parent.mkdir()
+    theirs.write_bytes(b"the user's own picture")
+    with pytest.raises(AgecliError, match="not a result of agecli predict.*--force"):
+        predict([photo], out=mine)
+    with pytest.raises(AgecliError, match="holds files agecli did not write.*--force"):
+        predict([photo], annotate=theirs.parent)
+    assert mine.read_text() == "name,notes\nme,precious\n" and theirs.read_bytes() == b"the user's own picture"
+    for out in (tmp_path / "faces.csv", tmp_path / "faces.json"):
+        first = predict([photo], out=out, annotate=tmp_path / "made")
+        again = predict([photo], out=out, annotate=tmp_path / "made")  # its own output: replaced without --force
+        assert again["out"] == str(out) and again["rows"] == first["rows"]
+    predict([photo], out=mine, annotate=theirs.parent, force=True)
+    assert mine.read_text().startswith("file,frame") and theirs.read_bytes()[:2] == b"\xff\xd8"  # a JPEG now
+
+
 def test_urls_and_webcams_are_streams(tmp_path):
     from agecli.stages.predict import collect_inputs
 
@@ -122,7 +145,7 @@ def test_video_tracking_smoothing_and_a_browser_playable_copy(tmp_path):
     _need_detector()
     import cv2
 
-    from agecli.stages.predict import predict
+    from agecli.stages.predict import ANNOTATED_MARK, predict
 
     photo = cv2.resize(cv2.imread(str(PHOTOS / "astronaut.jpg")), (320, 320))
     path = tmp_path / "clip.avi"
@@ -146,7 +169,8 @@ def test_video_tracking_smoothing_and_a_browser_playable_copy(tmp_path):
     assert video["frames"] == 10 and video["codec"] in ("H.264", "VP8")
     copy = tmp_path / "ann" / ("clip.mp4" if video["codec"] == "H.264" else "clip.webm")
     assert result["annotated"] == [str(copy)] and _mode(copy) == 0o666 & ~_umask()
-    assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == [copy.name]  # no partial file left
+    left = sorted(p.name for p in (tmp_path / "ann").iterdir() if p.name != ANNOTATED_MARK)
+    assert left == [copy.name]  # no partial file left
     capture = cv2.VideoCapture(str(copy))
     frames = 0
     while capture.read()[0]:

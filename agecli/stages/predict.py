@@ -80,9 +80,13 @@ def _kind(path: Path) -> str | None:
     return "image" if ext in IMAGE_EXTENSIONS else "video" if ext in VIDEO_EXTENSIONS else None
 
 
-def check_outputs(inputs: list[tuple[Any, str]], annotate: Path | None, out: Path | None) -> None:
-    """Refuse outputs that could replace an input: an annotate folder holding input files, or
-    --out naming an input."""
+ANNOTATED_MARK = ".agecli-annotated"  # in an --annotate folder: agecli made it, so it may write there again
+
+
+def check_outputs(inputs: list[tuple[Any, str]], annotate: Path | None, out: Path | None, force: bool = False) -> None:
+    """Refuse outputs that could replace an input or a user's file: an annotate folder holding
+    input files, or one agecli did not make that holds files already; --out naming an input,
+    or an existing file that is not a result of predict. `force` allows the last two."""
     files = [src for src, kind in inputs if isinstance(src, Path)]
     if annotate is not None:
         folder = annotate.resolve()
@@ -91,11 +95,35 @@ def check_outputs(inputs: list[tuple[Any, str]], annotate: Path | None, out: Pat
             raise AgecliError(f"--annotate {annotate} holds input files (e.g. {inside[0]}): annotated copies would be "
                               "written beside the originals and could replace them. Choose a folder of its own, "
                               "e.g. --annotate annotated/.")
+        if annotate.exists() and not annotate.is_dir():
+            raise AgecliError(f"--annotate {annotate} is a file; give a folder for the annotated copies.")
+        if not force and annotate.is_dir() and not (annotate / ANNOTATED_MARK).exists() and any(annotate.iterdir()):
+            raise AgecliError(f"--annotate {annotate} holds files agecli did not write, which annotated copies of the "
+                              "same name would replace: give a new or empty folder, or add --force to write there.")
     if out is not None:
         if out.suffix.lower() not in (".json", ".csv"):
             raise AgecliError(f"--out {out}: use a .json or .csv file name.")
         if out.exists() and any(out.resolve() == f.resolve() for f in files):
             raise AgecliError(f"--out {out} is one of the inputs; choose another file name.")
+        if out.is_dir():
+            raise AgecliError(f"--out {out} is a folder; give a .json or .csv file name.")
+        if out.exists() and not force and not _is_predict_result(out):
+            raise AgecliError(f"--out {out} exists and is not a result of agecli predict; agecli does not write over "
+                              "it unless asked: add --force to replace it, or give another --out.")
+
+
+def _is_predict_result(path: Path) -> bool:
+    """Whether `path` is what `write_result` writes (so running predict again may replace it)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.suffix.lower() == ".csv":
+                return handle.readline().rstrip("\r\n") == ",".join(FIELDS)
+            data = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("fields") == FIELDS and "rows" in data
 
 
 # --------------------------------------------------------------------------- tracking
@@ -190,20 +218,24 @@ def _source_name(source: Any) -> str:
 def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "cpu",
             annotate: str | os.PathLike | None = None, smooth: int = 1, every: int = 1,
             min_face_fraction: float = 0.03, max_side: int = 960, min_score: float = 0.9,
-            out: str | os.PathLike | None = None, max_frames: int = 0, progress=None) -> dict[str, Any]:
+            out: str | os.PathLike | None = None, max_frames: int = 0, force: bool = False,
+            progress=None) -> dict[str, Any]:
     """Predict every face in `paths`; optionally write annotated copies into `annotate` and the
-    result to `out` (.json: the returned object; .csv: its rows). Returns {"rows", "failed",
-    "no_face", "files", "videos", "annotated", "notes", ...}."""
+    result to `out` (.json: the returned object; .csv: its rows). An existing `out` is replaced
+    only when predict wrote it, an existing `annotate` folder written into only when agecli made
+    it, unless `force`. Returns {"rows", "failed", "no_face", "files", "videos", "annotated",
+    "notes", ...}."""
     if smooth < 1 or every < 1 or max_frames < 0:
         raise AgecliError(f"--smooth and --every must be >= 1 and --max-frames >= 0 (got {smooth}, {every}, "
                           f"{max_frames}).")
     inputs, skipped = collect_inputs(paths)
     folder = Path(annotate) if annotate else None
-    check_outputs(inputs, folder, Path(out) if out is not None else None)
+    check_outputs(inputs, folder, Path(out) if out is not None else None, force)
     estimator = AgeEstimator(model, device=device, min_score=min_score, min_face_fraction=min_face_fraction,
                              max_side=max_side)
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / ANNOTATED_MARK).touch()
     batch = _Batch(estimator, folder, smooth, every, max_frames)
     for done, (source, kind) in enumerate(inputs):
         if progress:

