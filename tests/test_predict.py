@@ -93,6 +93,13 @@ def test_a_bad_file_is_reported_and_the_batch_goes_on(tmp_path):
         predict([folder / "b_photo.jpg"], folder / "a_broken.jpg")
     with pytest.raises(AgecliError, match="use a .json or .csv"):
         predict([folder / "b_photo.jpg"], out=tmp_path / "faces.txt")
+    empty, notes = tmp_path / "empty", tmp_path / "notes"
+    empty.mkdir(), notes.mkdir()
+    (notes / "read_me.txt").write_text("no photos here")
+    with pytest.raises(AgecliError, match="no photo or video in .*empty .*searched recursively for .*jpg"):
+        predict([empty])
+    with pytest.raises(AgecliError, match="skipped 1 other file.*read_me.txt"):
+        predict([notes, empty])
 
 
 def test_annotate_never_writes_over_an_input(tmp_path):

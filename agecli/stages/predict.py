@@ -72,6 +72,11 @@ def collect_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, 
         else:
             raise AgecliError(f"input {text} does not exist (a photo, video or folder; a URL; or a webcam index "
                               "such as 0).")
+    if not found:  # only folders were given, and they hold nothing agecli reads
+        others = f"; it skipped {len(skipped)} other file(s), e.g. {skipped[0]}" if skipped else ""
+        raise AgecliError(f"no photo or video in {', '.join(map(os.fspath, paths))} (searched recursively for "
+                          f"{', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}){others}. Convert the "
+                          "images to JPEG or PNG, or give the folder that holds them.")
     return found, skipped
 
 
