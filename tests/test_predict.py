@@ -137,6 +137,8 @@ def test_a_users_files_are_replaced_only_with_force(tmp_path):
         assert again["out"] == str(out) and again["rows"] == first["rows"]
     predict([photo], out=mine, annotate=theirs.parent, force=True)
     assert mine.read_text().startswith("file,frame") and theirs.read_bytes()[:2] == b"\xff\xd8"  # a JPEG now
+    with pytest.raises(AgecliError, match="holds files agecli did not write"):  # --force once is not for good
+        predict([photo], annotate=theirs.parent)
 
 
 def test_urls_and_webcams_are_streams(tmp_path):

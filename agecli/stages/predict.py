@@ -239,8 +239,9 @@ def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike = DEFAU
     estimator = AgeEstimator(model, device=device, min_score=min_score, min_face_fraction=min_face_fraction,
                              max_side=max_side)
     if folder:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ANNOTATED_MARK).touch()
+        if not folder.is_dir() or not any(folder.iterdir()):  # agecli makes it: mark it as its own
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ANNOTATED_MARK).touch()
     batch = _Batch(estimator, folder, smooth, every, max_frames)
     for done, (source, kind) in enumerate(inputs):
         if progress:
