@@ -251,6 +251,7 @@ def test_model_files_that_are_not_tensors_are_refused_in_agecli_words(tmp_path):
             assert "weights_only` set to `False" not in str(error.value)
             assert name in str(error.value)
 
+
 def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
     from agecli.recipes import load_recipe, run_recipe
 
