@@ -17,8 +17,9 @@ unsmoothed), gender and female_prob (with a gender head).
 A photo without a face is listed in `no_face`. A file that cannot be read, or a video that
 cannot be opened, is listed in `failed` with the reason, and the others go on. Video
 tracking is greedy IoU matching of boxes between consecutive frames. Annotated copies go to
-a folder that holds none of the inputs; annotated videos are WebM (VP8) where this OpenCV
-has no H.264 encoder, both playable in browsers.
+a folder that holds none of the inputs, and none of the user's files unless `force`;
+annotated videos are WebM (VP8) where this OpenCV has no H.264 encoder, both playable in
+browsers. An existing `out` is replaced only when predict wrote it, unless `force`.
 """
 
 from __future__ import annotations
