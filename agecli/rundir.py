@@ -71,6 +71,24 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: str | os.PathLike, what: str, *, is_folder: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written at the end: the nearest
+    existing folder of file `path` (or of folder `path`, with `is_folder`) must be one this
+    process can create files in (probed with a temporary file, which also catches read-only
+    mounts and /proc)."""
+    folder = Path(path) if is_folder else Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise AgecliError(f"{what} {path}: {folder} is a file, not a folder; choose another place.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise AgecliError(f"{what} {path}: cannot write into {folder} ({exc.strerror or exc}); "
+                          "choose another place.") from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

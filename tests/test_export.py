@@ -144,6 +144,8 @@ def test_export_never_replaces_the_model_or_an_existing_file(tmp_path):
     out.write_bytes(b"the user's own file")
     with pytest.raises(AgecliError, match="exists; agecli does not write over it.*--force"):
         export(model, "onnx", out=out)
+    with pytest.raises(AgecliError, match="mine.onnx is a file, not a folder; choose another place"):
+        export(model, "onnx", out=out / "model.onnx")  # refused before the export, not at its end
     with pytest.raises(AgecliError, match="differs from PyTorch.*nothing was written"):
         export(model, "onnx", out=out, force=True, tolerance=0.0)  # a parity check that must fail
     assert out.read_bytes() == b"the user's own file"

@@ -139,6 +139,10 @@ def test_a_users_files_are_replaced_only_with_force(tmp_path):
     assert mine.read_text().startswith("file,frame") and theirs.read_bytes()[:2] == b"\xff\xd8"  # a JPEG now
     with pytest.raises(AgecliError, match="holds files agecli did not write"):  # --force once is not for good
         predict([photo], annotate=theirs.parent)
+    # a place that cannot be written is refused before the batch runs, not after it
+    for where in ({"out": mine / "faces.csv"}, {"annotate": mine / "ann"}):
+        with pytest.raises(AgecliError, match="mine.csv is a file, not a folder; choose another place"):
+            predict([photo], **where)
 
 
 def test_urls_and_webcams_are_streams(tmp_path):

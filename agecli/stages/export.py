@@ -49,7 +49,7 @@ from agecli.errors import AgecliError
 from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, read_checkpoint, sniff
 from agecli.modeling.decode import decode
 from agecli.modeling.zoo import WEIGHTS_DIR, resolve_checkpoint
-from agecli.rundir import atomic_path, fingerprint_file
+from agecli.rundir import atomic_path, check_writable, fingerprint_file
 
 EXPORT_FORMAT = "agecli.export"
 PARITY_TOLERANCE = 0.05  # years: largest |age_export - age_torch| allowed for fp32 exports
@@ -355,6 +355,7 @@ def check_target(path: Path, model_path: Path, force: bool, what: str) -> None:
     if path.exists() and not force:
         raise AgecliError(f"{what} {path} exists; agecli does not write over it unless asked: add --force to "
                           "replace it, or give another --out.")
+    check_writable(path, what)
 
 
 def quantized_path(path: Path) -> Path:

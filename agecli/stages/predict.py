@@ -34,6 +34,7 @@ import numpy as np
 
 from agecli.errors import AgecliError
 from agecli.modeling.zoo import DEFAULT_MODEL
+from agecli.rundir import check_writable
 from agecli.stages.estimator import AgeEstimator
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -106,6 +107,7 @@ def check_outputs(inputs: list[tuple[Any, str]], annotate: Path | None, out: Pat
         if not force and annotate.is_dir() and not (annotate / ANNOTATED_MARK).exists() and any(annotate.iterdir()):
             raise AgecliError(f"--annotate {annotate} holds files agecli did not write, which annotated copies of the "
                               "same name would replace: give a new or empty folder, or add --force to write there.")
+        check_writable(annotate, "--annotate", is_folder=True)
     if out is not None:
         if out.suffix.lower() not in (".json", ".csv"):
             raise AgecliError(f"--out {out}: use a .json or .csv file name.")
@@ -116,6 +118,7 @@ def check_outputs(inputs: list[tuple[Any, str]], annotate: Path | None, out: Pat
         if out.exists() and not force and not _is_predict_result(out):
             raise AgecliError(f"--out {out} exists and is not a result of agecli predict; agecli does not write over "
                               "it unless asked: add --force to replace it, or give another --out.")
+        check_writable(out, "--out")
 
 
 def _is_predict_result(path: Path) -> bool:
