@@ -24,6 +24,7 @@ browsers. An existing `out` is replaced only when predict wrote it, unless `forc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import deque
@@ -123,8 +124,6 @@ def check_outputs(inputs: list[tuple[Any, str]], annotate: Path | None, out: Pat
 
 def _is_predict_result(path: Path) -> bool:
     """Whether `path` is what `write_result` writes (so running predict again may replace it)."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as handle:
             if path.suffix.lower() == ".csv":
