@@ -34,7 +34,8 @@ def _worker(rank: int, world_size: int, port: int, run: str, out: str) -> None:
     model = build_model("mobilenet_v3_small", enc)
     spec = ModelSpec(arch="mobilenet_v3_small", encoding=enc.to_dict(), input_size=32)
     result = fit(model, spec, store, store.indices("train"), store.indices("val")[:16], out,
-                 TrainOptions(epochs=3, time_limit=1e-5, batch_size=16, max_batches=2, threads=1, workers=1))
+                 TrainOptions(epochs=3, time_limit=1e-5, batch_size=16, max_batches=2, threads=1, workers=1,
+                              device="cpu"))
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.weights"))
     torch.save({"world_size": result["world_size"], "best_epoch": result["best_epoch"],
                 "planned_epochs": result["planned_epochs"]}, os.path.join(out, f"rank{rank}.result"))
@@ -64,3 +65,19 @@ def test_two_cpu_processes_with_gloo(synthetic_run, tmp_path):
     assert len(pd.read_csv(out / "history.csv")) == 1
     saved = read_checkpoint(out / "last.pt")["state_dict"]
     assert all(torch.equal(saved[k], w0[k]) for k in trainable)
+
+
+def test_more_processes_than_gpus_is_refused_before_cuda_fails(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: rank 1 has no GPU of its own. It used
+    to die inside CUDA ('invalid device ordinal'); now it says what to launch instead."""
+    from agecli.engine import distributed
+    from agecli.errors import AgecliError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device}) was reached"))
+    with pytest.raises(AgecliError, match=r"(?s)than torch sees GPUs \(1\).*--nproc_per_node 1, or .*--device cpu"):
+        distributed.setup("cuda")

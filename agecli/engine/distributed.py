@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from agecli.device import resolve_device
+from agecli.errors import AgecliError
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,23 @@ def setup(device: str) -> tuple[World, str]:
     if not world.distributed:
         return world, device
     if device.startswith("cuda"):
-        device = f"cuda:{world.local_rank}"
+        device = f"cuda:{_local_gpu(world)}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return world, device
+
+
+def _local_gpu(world: World) -> int:
+    """This rank's GPU; one process per GPU, so more processes than GPUs is refused here
+    rather than failing inside CUDA with 'invalid device ordinal'."""
+    gpus = torch.cuda.device_count()
+    if world.local_rank >= gpus:
+        raise AgecliError(
+            f"torchrun started more processes on this machine than torch sees GPUs ({gpus}): "
+            f"process {world.local_rank} has no GPU of its own.\n"
+            f"Launch with --nproc_per_node {gpus}, or train on the CPU with --device cpu (gloo).")
+    return world.local_rank
 
 
 def current() -> World:
