@@ -2,7 +2,8 @@
 CUDA device on a machine where torch sees no GPU, in one wording.
 
     resolve_device("auto")   -> "cuda" when torch sees a GPU, else "cpu"
-    require_device("cuda:1") -> "cuda:1", or AgecliError(cuda_absent("cuda:1")) without a GPU
+    require_device("cuda:1") -> "cuda:1", or AgecliError(cuda_absent("cuda:1")) without a GPU,
+                                or an AgecliError naming the GPUs there are when it has no GPU 1
 
 torch is imported inside the functions so the root helpers stay cheap to import.
 """
@@ -34,4 +35,11 @@ def require_device(device: str) -> str:
 
         if not torch.cuda.is_available():
             raise AgecliError(cuda_absent(device))
+        suffix = device.partition(":")[2]
+        index = int(suffix) if suffix.isdigit() else 0
+        if index >= torch.cuda.device_count():   # else CUDA's own 'invalid device ordinal', mid-stage
+            count = torch.cuda.device_count()
+            there = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise AgecliError(f"--device {device} was asked for but torch sees {count} CUDA GPU(s) on this machine "
+                              f"({there}); use one of those, or --device cuda.")
     return device

@@ -240,3 +240,19 @@ def test_cuda_asked_for_without_a_gpu_is_refused_in_one_wording(monkeypatch):
     for ask in (lambda: require_device("cuda:1"), lambda: load_predictor("default", device="cuda")):
         with pytest.raises(AgecliError, match=r"--device cuda(:1)? was asked for but torch sees no CUDA GPU"):
             ask()
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_before_cuda_fails(monkeypatch):
+    """--device cuda:1 on a one-GPU machine used to fail inside CUDA ('invalid device ordinal')."""
+    import torch
+
+    from agecli.device import require_device
+    from agecli.stages.estimator import load_predictor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert require_device("cuda") == "cuda" and require_device("cuda:0") == "cuda:0"
+    for ask in (lambda: require_device("cuda:1"), lambda: load_predictor("default", device="cuda:1")):
+        with pytest.raises(AgecliError, match=r"--device cuda:1 was asked for but torch sees 1 CUDA GPU\(s\) "
+                                              r"on this machine \(cuda:0\); use one of those"):
+            ask()

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agecli.device import cuda_absent
+from agecli.device import require_device
 from agecli.engine.timing import machine_info
 from agecli.errors import AgecliError
 from agecli.rundir import Stage, resolve_run, write_csv, write_json
@@ -111,10 +111,9 @@ def _bench_setup(run, backends, device, threads, batch_sizes, warmup, repeats) -
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise AgecliError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AgecliError(cuda_absent(device))
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise AgecliError(f"--device {device!r} is not supported; use cpu or cuda[:N].")
+    require_device(device)   # a GPU torch sees, at an index the machine has
     if threads:
         torch.set_num_threads(int(threads))
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
