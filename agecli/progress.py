@@ -45,7 +45,7 @@ def log(message: str, quiet: bool = False) -> None:
     if not quiet:
         from rich.console import Console
 
-        Console(stderr=True).print(message)
+        Console(stderr=True, soft_wrap=True).print(message)   # no line breaks inside paths
 
 
 Callback = Callable[[str, int, "int | None"], None]

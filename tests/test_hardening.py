@@ -446,6 +446,29 @@ def test_cli_bad_numbers_exit_2_without_a_traceback(small_run, tmp_path):
         assert needle in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
 
 
+def test_an_error_keeps_a_long_path_on_one_line_in_a_narrow_terminal_or_a_log(small_run, tmp_path):
+    """rich hard-wrapped errors at the console width, so a long path came out cut in two: in a
+    recipe child's log, `agecli run` then quoted 'missi' and 'ng.pt' on separate lines."""
+    missing = tmp_path / ("a_folder_with_a_long_name_" * 4) / "missing.pt"
+    env = {**os.environ, "COLUMNS": "40"}
+    for args in (["eval", "--model", str(missing), "--run", str(small_run)],
+                 ["train", "--run", str(small_run), "--arch", "mobilenet", "--init", str(missing)]):
+        result = subprocess.run([sys.executable, "-m", "agecli", *args], capture_output=True, text=True,
+                                timeout=120, env=env)
+        assert result.returncode == 2, result.stderr
+        assert any(str(missing) in line and "does not exist" in line for line in result.stderr.splitlines()), \
+            result.stderr
+    # a success prints its paths and the next command whole too (one line each, to copy)
+    onnx = missing.with_name("default.onnx")
+    onnx.parent.mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "agecli", "export", "--model", "default", "--out", str(onnx)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith(f"exported {onnx} (") for line in lines), result.stderr
+    assert f"next: agecli predict --model {onnx} PHOTO_OR_FOLDER --annotate annotated/" in lines, result.stderr
+
+
 def test_cuda_without_a_gpu_gives_the_one_device_message(small_run, tmp_path):
     import torch
 

@@ -69,7 +69,7 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="Print the ta
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], ", ".join(r["aliases"]), f"{r['params_m']:.2f}", str(r["default_size"]), r["family"])
-    Console().print(table)
+    Console(soft_wrap=True).print(table)
 
 
 for _name in COMMAND_MODULES:
@@ -154,7 +154,8 @@ def main() -> None:
         from rich.markup import escape
 
         # escaped: rich would drop a message's own [brackets] as markup
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        # soft-wrapped, as every agecli console: a hard wrap would cut paths in two in logs and copied text
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         _interrupted()

@@ -22,7 +22,7 @@ def print_table(results: dict, console=None) -> None:
     not at all), speed-ups and robustness lines; on stderr unless `console` is given."""
     from rich.console import Console
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     if not console.is_terminal:  # a log file or pipe: rich's 80 columns would cut every cell
         console.width = max(console.width, 170)
     console.print(_table(results))

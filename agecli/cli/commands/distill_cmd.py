@@ -99,7 +99,7 @@ def _print(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)
     metrics = result["metrics"]
     console.print(result["formula"], highlight=False)
     if result.get("labelled_fraction", 1.0) < 1:

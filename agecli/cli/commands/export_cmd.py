@@ -59,7 +59,7 @@ def _print(result: dict) -> None:
     """The export's file, its parity with PyTorch, the int8 copy's cost and speed, the next command."""
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     p = result["parity"]
     mae = "" if p["mae_torch"] is None else (f", MAE torch {p['mae_torch']:.3f} vs export {p['mae_export']:.3f} "
                                               f"(diff {p['mae_diff']:.2e})")

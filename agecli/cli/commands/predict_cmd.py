@@ -73,11 +73,11 @@ def _print(result: dict, quiet: bool, annotate: Path | None) -> None:
     """The table of faces on stdout (always); notes (unless quiet) and problems on stderr."""
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if not quiet:
         for note in result["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
-    out = Console()
+    out = Console(soft_wrap=True)
     if not out.is_terminal:  # piped or redirected: wide enough that rows stay on one line
         out = Console(width=160)
     out.print(_table(result))

@@ -89,7 +89,7 @@ Re-running resumes: finished chunks are kept and the result is identical.""")
 def _summary(results: dict) -> None:
     from rich.console import Console
 
-    console = Console()
+    console = Console(soft_wrap=True)
     if "shard" in results:
         console.print(f"shard {results['shard']}: {results['images']} images in {results['chunks']} chunks "
                       f"({results['chunks_reused']} already done). Run once more without --shard to finish.")

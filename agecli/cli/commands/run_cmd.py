@@ -87,9 +87,9 @@ def _print_steps(result: dict[str, Any], description: str) -> None:
         last = (", ".join(f"{k}={v}" for k, v in row["options"].items()) if result["dry_run"]
                 else str(row.get("seconds", "-")))
         table.add_row(row["step"], row["call"], row["action"], last)
-    Console().print(table)
+    Console(soft_wrap=True).print(table)
     if result["dry_run"]:
-        Console().print("valid; run it without --dry-run.")
+        Console(soft_wrap=True).print("valid; run it without --dry-run.")
 
 
 def quickstart_cmd(
@@ -126,7 +126,7 @@ def quickstart_cmd(
         return
     from rich.console import Console
 
-    console = Console()
+    console = Console(soft_wrap=True)
     if result.get("bench"):
         from agecli.cli.commands.bench_cmd import print_table
 

@@ -158,7 +158,7 @@ def _print_metrics(results: dict) -> None:
         bias.add_column(col)
     for row in results["bias"]:
         bias.add_row(row["by"], str(row["value"]), str(row["n"]), f"{row['mae']:.2f}")
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(table)
     console.print(bias)
     console.print(f"-> {results['dir']}")
