@@ -105,7 +105,9 @@ def test_a_wheel_carries_the_model_recipes_and_sample(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    # the wheel first; entries already on PYTHONPATH stay behind it (they may hold the dependencies)
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *kept]), "OMP_NUM_THREADS": "1"}
     code = ("import agecli; from agecli.recipes.recipe import find_recipe; "
             "print(agecli.__file__, find_recipe('utkface'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
