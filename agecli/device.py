@@ -35,11 +35,24 @@ def require_device(device: str) -> str:
 
         if not torch.cuda.is_available():
             raise AgecliError(cuda_absent(device))
-        suffix = device.partition(":")[2]
-        index = int(suffix) if suffix.isdigit() else 0
-        if index >= torch.cuda.device_count():   # else CUDA's own 'invalid device ordinal', mid-stage
-            count = torch.cuda.device_count()
-            there = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            raise AgecliError(f"--device {device} was asked for but torch sees {count} CUDA GPU(s) on this machine "
-                              f"({there}); use one of those, or --device cuda.")
+        if gpu_index(device) >= torch.cuda.device_count():   # else CUDA's 'invalid device ordinal', mid-stage
+            raise AgecliError(f"--device {device} was asked for but torch sees {gpus_here()}; "
+                              "use one of those, or --device cuda.")
     return device
+
+
+def gpu_index(device: str) -> int:
+    """The GPU a CUDA device name points at: cuda -> 0, cuda:2 -> 2."""
+    suffix = device.partition(":")[2]
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def gpus_here() -> str:
+    """'1 CUDA GPU(s) on this machine (cuda:0)', for messages."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return "no CUDA GPU on this machine"
+    there = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+    return f"{count} CUDA GPU(s) on this machine ({there})"

@@ -108,6 +108,22 @@ def test_run_and_cross_references_resolve(tmp_path):
     assert steps[0].kwargs["init"] == f"{tmp_path / 'myrun'}/train/x/best.pt"
 
 
+def test_a_recipe_asking_for_a_gpu_index_the_machine_lacks_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    images, records = synthetic_faces(60, 32)
+    run = build_store(tmp_path / "run", images, records, dataset="synthetic")
+    recipe = _recipe("train:\n  - {name: a, arch: mobilenet_v3_small, device: cuda}\n"
+                     "distill:\n  - {name: b, teachers: ['{run}/train/a/best.pt'], device: cuda:0, "
+                     "teacher_device: cuda:1}\nreport: {}\n", tmp_path)
+    with pytest.raises(AgecliError, match=r"^distill/b \(cuda:1\) ask for a GPU this machine lacks: torch sees "
+                                          r"1 CUDA GPU\(s\) on this machine \(cuda:0\)"):
+        run_recipe(recipe, run)
+    assert not (run / "recipe.yaml").exists() and not (run / "train").exists()
+
+
 def test_a_gpu_recipe_on_a_machine_without_one_is_refused_before_anything_runs(tmp_path):
     import torch
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from agecli.device import gpu_index, gpus_here
 from agecli.errors import AgecliError
 from agecli.progress import ProgressFn, log
 from agecli.recipes.children import LOGS_DIR, run_in_children
@@ -182,20 +183,29 @@ def select_steps(steps: list[Step], only: Sequence[str] | None) -> set[str] | No
 def _require_devices(steps: list[Step], rows: list[dict[str, Any]]) -> None:
     """Refuse up front a recipe that wants a GPU on a machine without one, rather than after
     its first steps have run for an hour."""
-    wanted = {}
+    wanted: dict[str, list[str]] = {}
+    devices: dict[str, str] = {}   # step label -> the CUDA device it asks for (the highest index)
     for step, row in zip(steps, rows):
         if row["action"] in ("run", "resume") or row["action"].startswith("rerun"):
             for key in ("device", "teacher_device"):
                 value = step.kwargs.get(key)
                 labels = wanted.setdefault(step.section, [])
-                if isinstance(value, str) and value.startswith("cuda") and step.label not in labels:
-                    labels.append(step.label)
+                if isinstance(value, str) and value.startswith("cuda"):
+                    if step.label not in labels:
+                        labels.append(step.label)
+                    if gpu_index(value) >= gpu_index(devices.get(step.label, "cuda")):
+                        devices[step.label] = value
     wanted = {section: labels for section, labels in wanted.items() if labels}
     if not wanted:
         return
     import torch
 
     if torch.cuda.is_available():
+        beyond = [f"{label} ({device})" for label, device in devices.items()
+                  if gpu_index(device) >= torch.cuda.device_count()]
+        if beyond:
+            raise AgecliError(f"{', '.join(beyond)} ask for a GPU this machine lacks: torch sees {gpus_here()}. "
+                              "Change their device in the recipe, or with --set SECTION.device=cuda.")
         return
     fixes = " ".join(f"--set {section}.device=cpu" for section in wanted)
     labels = ", ".join(label for labels in wanted.values() for label in labels)
