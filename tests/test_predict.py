@@ -72,6 +72,26 @@ def _umask() -> int:
     return mask
 
 
+def test_images_too_small_for_a_face_are_no_face_and_the_batch_goes_on(tmp_path):
+    """A 10x10 icon or a 4000x40 strip (14 px high after scaling to 960) left MTCNN an empty
+    image pyramid: torch.cat raised, the whole batch died and --out was never written."""
+    _need_detector()
+    import cv2
+
+    from agecli.stages.estimator import AgeEstimator
+    from agecli.stages.predict import predict
+
+    rng = np.random.default_rng(0)
+    tiny, strip = tmp_path / "tiny.png", tmp_path / "strip.png"
+    cv2.imwrite(str(tiny), rng.integers(0, 255, (10, 10, 3), dtype=np.uint8))
+    cv2.imwrite(str(strip), rng.integers(0, 255, (40, 4000, 3), dtype=np.uint8))
+    result = predict([tiny, PHOTOS / "group1.jpg", strip], out=tmp_path / "faces.csv")
+    assert len(result["rows"]) == 3 and (tmp_path / "faces.csv").exists()
+    assert sorted(result["no_face"]) == sorted([str(tiny), str(strip)]) and result["failed"] == []
+    assert AgeEstimator().predict(np.zeros((10, 10, 3), np.uint8)) == []
+    assert AgeEstimator(max_side=12).predict(PHOTOS / "group1.jpg") == []
+
+
 def test_a_bad_file_is_reported_and_the_batch_goes_on(tmp_path):
     _need_detector()
     from agecli.stages.predict import predict

@@ -409,6 +409,8 @@ class Detector:
             canvas[k, :small.shape[0], :small.shape[1]] = small
         min_face = max(self.min_face_px, int(self.min_face_fraction * min(
             min(t[1].shape[0], t[1].shape[1]) - 2 * t[3] for t in group)))
+        if min(h, w) < min_face:   # no face of that size fits; MTCNN's image pyramid would be empty and fail
+            return
         self._mtcnn.min_face_size = min_face
         boxes, probs, points = self._mtcnn.detect(canvas if len(group) > 1 else canvas[0], landmarks=True)
         if len(group) == 1:
