@@ -122,6 +122,25 @@ def test_a_bad_file_is_reported_and_the_batch_goes_on(tmp_path):
         predict([notes, empty])
 
 
+def test_an_empty_input_is_refused_and_annotated_copies_in_the_input_are_not_inputs(tmp_path):
+    """`agecli predict "$UNSET"` read the whole current folder (Path('') is '.'), and an
+    --annotate folder inside the input folder was read back as input on the next run."""
+    _need_detector()
+    import shutil
+
+    from agecli.stages.predict import predict
+
+    with pytest.raises(AgecliError, match="empty string"):
+        predict([""])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(PHOTOS / "group1.jpg", photos / "group1.jpg")
+    for _ in range(2):   # the second run reads photos/ again, now holding photos/annotated/
+        result = predict([photos], annotate=photos / "annotated", out=photos / "faces.csv")
+        assert [r["file"] for r in result["rows"]] == [str(photos / "group1.jpg")] * 3
+    assert (photos / "annotated" / "group1.jpg").exists()
+
+
 def test_annotate_never_writes_over_an_input(tmp_path):
     from agecli.stages.predict import predict
 
@@ -211,6 +230,11 @@ def test_video_tracking_smoothing_and_a_browser_playable_copy(tmp_path):
     assert frames == 10
     limited = predict([path], max_frames=4)
     assert limited["videos"][0]["frames"] == 4 and max(r["frame"] for r in limited["rows"]) <= 3
+    # every 6th frame (0, 6): the face keeps its track, so --smooth still averages (tracks used to
+    # expire after 5 video frames, and every analysed frame started new ones)
+    sparse = [r for r in predict([path], smooth=5, every=6)["rows"] if r["track"] == 0]
+    assert [r["frame"] for r in sparse] == [0, 6]
+    assert sparse[1]["age"] == pytest.approx((sparse[0]["age_frame"] + sparse[1]["age_frame"]) / 2, abs=1e-4)
 
 
 def test_onnx_export_predicts_like_the_checkpoint(tmp_path):

@@ -58,11 +58,16 @@ def collect_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, 
         raise AgecliError("no input given: pass photos, videos, folders, URLs or a webcam index.")
     for raw in paths:
         text = os.fspath(raw)
+        if not text.strip():   # Path("") is the current folder: an unset variable would read all of it
+            raise AgecliError("an input is an empty string (an unset shell variable?); give a photo, video, "
+                              "folder, URL or webcam index, e.g. . for the current folder.")
         path = Path(text)
         if URL.match(text):
             found.append((text, "stream"))
         elif path.is_dir():
-            for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            # folders that predict itself annotated hold drawn-on copies of inputs, not inputs
+            made = {mark.parent for mark in path.rglob(ANNOTATED_MARK)} - {path}
+            for child in sorted(p for p in path.rglob("*") if p.is_file() and not made & set(p.parents)):
                 kind = _kind(child)
                 if kind:
                     found.append((child, kind))
@@ -323,7 +328,8 @@ class _VideoRun:
     def __init__(self, source: Any, batch: _Batch, *, live: bool = False, chunk: int = 8):
         self.source, self.batch, self.live, self.chunk = source, batch, live, chunk
         self.name = _source_name(source)
-        self.tracker = IouTracker(smooth=batch.smooth)
+        # a track survives 5 *analysed* frames without its face: with --every N that is 5 N video frames
+        self.tracker = IouTracker(smooth=batch.smooth, max_gap=5 * batch.every)
         self.fps = 25.0
         self.writer = self.target = self.partial = self.codec = None
         self.faces = 0
