@@ -67,6 +67,28 @@ def test_soft_term_for_a_regression_student_is_l1_to_the_teacher_age():
     assert float(value) == pytest.approx((0 + 20 / 20) / 2)
 
 
+def test_a_groups_student_learns_the_teachers_ages_summed_into_its_groups(teacher_setup):
+    """An age teacher (101 ages) and an Adience groups student (8 groups): the soft and pseudo
+    targets used to be compared over different supports, and distill crashed mid-epoch."""
+    from agecli.labels import group_of_age
+    from agecli.stages.distill.losses import on_student_support
+
+    probs = torch.softmax(torch.randn(4, 101), 1)
+    grouped = on_student_support(probs, build_encoding("groups"))
+    assert grouped.shape == (4, 8) and torch.allclose(grouped.sum(1), torch.ones(4))
+    assert float(grouped[0, group_of_age(30.0)]) >= float(probs[0, 30])
+    assert on_student_support(probs, build_encoding("ldae")) is probs
+    teacher = TeacherOutput(torch.full((4,), 30.0), probs)
+    for terms in ([("soft", 1.0, {"temperature": 2.0})], [("pseudo", 1.0, {})]):
+        value, _ = _loss(terms, teacher, encoding="groups")({"age": torch.zeros(4, 8, requires_grad=True)},
+                                                           _batch([float("nan")] * 4), torch.zeros(1))
+        assert torch.isfinite(value) and float(value) > 0
+    run, onnx_teacher = teacher_setup
+    result = distill(run, teachers=[str(onnx_teacher)], student="squeezenet", size=32, encoding="groups",
+                     name="groups_student", options=TrainOptions(epochs=1, max_batches=2, **FAST))
+    assert result["metrics"]["student"]["mae"] > 0
+
+
 def test_gt_and_pseudo_split_labelled_from_unlabelled_faces():
     ages = [30.0, float("nan"), 50.0, float("nan")]
     teacher = TeacherOutput(torch.tensor([0.0, 40.0, 0.0, 60.0]),

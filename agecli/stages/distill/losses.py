@@ -27,7 +27,7 @@ from torch import nn
 
 from agecli.engine.loop import ground_truth_loss
 from agecli.errors import AgecliError
-from agecli.labels import group_midpoint
+from agecli.labels import ADIENCE_GROUPS, group_midpoint, group_of_age
 from agecli.modeling.distributions import soften
 from agecli.stages.teachers import TeacherOutput
 
@@ -89,6 +89,17 @@ class GroundTruth(Term):
         return ground_truth_loss(ctx.outputs, ctx.batch, ctx.encoding, self.gender)[0]
 
 
+def on_student_support(teacher_probs: torch.Tensor, encoding) -> torch.Tensor:
+    """The teacher's distribution over ages 0..100 on the student's support: for an Adience
+    groups student, each group's share is the sum over the ages that fall in it."""
+    if encoding.support != "groups":
+        return teacher_probs
+    ages = teacher_probs.shape[1]
+    to_group = torch.zeros(ages, len(ADIENCE_GROUPS), device=teacher_probs.device, dtype=teacher_probs.dtype)
+    to_group[torch.arange(ages), torch.tensor([group_of_age(float(a)) for a in range(ages)])] = 1
+    return teacher_probs @ to_group
+
+
 def _kl(teacher_probs: torch.Tensor, student_log: torch.Tensor) -> torch.Tensor:
     """KL(p_t || p_s) per row."""
     p = teacher_probs.float().clamp_min(0)
@@ -112,7 +123,7 @@ class SoftTarget(Term):
         log_s = ctx.encoding.log_distribution(ctx.outputs["age"], self.temperature)
         if log_s is None:  # regression student: the teacher's expected age is the target
             return ctx.encoding.loss(ctx.outputs["age"], t.age)
-        target = soften(t.probs, self.temperature)
+        target = on_student_support(soften(t.probs, self.temperature), ctx.encoding)
         return _kl(target, log_s).mean() * self.temperature ** 2
 
 
@@ -136,7 +147,7 @@ class PseudoLabel(Term):
         log_s = ctx.encoding.log_distribution(out, 1.0)
         if self.hard or log_s is None:
             return ctx.encoding.loss(out, t.age[rows])
-        return _kl(t.probs[rows], log_s).mean()
+        return _kl(on_student_support(t.probs[rows], ctx.encoding), log_s).mean()
 
 
 @register_loss
