@@ -10,7 +10,16 @@ torch is imported inside the functions so the root helpers stay cheap to import.
 
 from __future__ import annotations
 
+import re
+
 from agecli.errors import AgecliError
+
+
+def check_device_name(device: object, option: str = "--device") -> None:
+    """auto, cpu, cuda or cuda:N; anything else (CPU, tpu, gpu) is refused in these words
+    rather than by torch's parser, mid-stage."""
+    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+        raise AgecliError(f"{option} {device!r} is not a device; use auto, cpu, cuda or cuda:N.")
 
 
 def resolve_device(device: str) -> str:
@@ -28,7 +37,10 @@ def cuda_absent(device: str) -> str:
 
 
 def require_device(device: str) -> str:
-    """`resolve_device`, refusing a CUDA device that torch cannot see (AgecliError)."""
+    """`resolve_device`, refusing a name that is not a device and a CUDA device that torch
+    cannot see (AgecliError)."""
+    device = device if isinstance(device, str) else str(device)   # a torch.device from Python callers
+    check_device_name(device)
     device = resolve_device(device)
     if device.startswith("cuda"):
         import torch

@@ -9,10 +9,10 @@ and of their validation, for Python callers, recipes and the command line alike.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agecli.device import check_device_name
 from agecli.errors import AgecliError
 
 MIN_SIZE, MAX_SIZE = 16, 1024    # face crop and model input sides, pixels (below 16 the backbones see nothing)
@@ -25,8 +25,7 @@ OPTIMIZERS = ("adamw", "sgd")
 def check_device(device: Any, option: str = "--device") -> None:
     """A device name agecli knows: auto, cpu, cuda or cuda:N (whether the GPU exists is
     agecli.device's to say, when the stage starts)."""
-    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
-        raise AgecliError(f"{option} {device!r} is not a device; use auto, cpu, cuda or cuda:N.")
+    check_device_name(device, option)
 
 
 def check_range(options: Any, bounds: dict[str, tuple[float, float, str]]) -> None:

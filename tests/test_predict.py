@@ -296,6 +296,9 @@ def test_a_gpu_index_the_machine_lacks_is_refused_before_cuda_fails(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert require_device("cuda") == "cuda" and require_device("cuda:0") == "cuda:0"
+    for name in ("CPU", "gpu", "cuda:x"):   # torch's own parser raised a RuntimeError mid-command
+        with pytest.raises(AgecliError, match=f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N"):
+            require_device(name)
     for ask in (lambda: require_device("cuda:1"), lambda: load_predictor("default", device="cuda:1")):
         with pytest.raises(AgecliError, match=r"--device cuda:1 was asked for but torch sees 1 CUDA GPU\(s\) "
                                               r"on this machine \(cuda:0\); use one of those"):
