@@ -62,6 +62,28 @@ def test_torchscript_export_roundtrip(bench_run, tmp_path):
     assert loaded.spec.arch == "shufflenet_v2_x1_0" and loaded.format == "torchscript"
 
 
+def test_exports_load_by_content_whatever_their_name(tmp_path):
+    """`agecli export --format torchscript --out student.pt` printed a next command that failed
+    ('damaged or not a PyTorch save'), and UP.ONNX was read as text; a folder or an empty file
+    as --model raised IsADirectoryError or was called a text file."""
+    import shutil
+
+    from agecli.stages.estimator import load_predictor
+
+    script = export("default", "torchscript", out=tmp_path / "student.pt")["path"]
+    onnx_copy = tmp_path / "UP.ONNX"
+    shutil.copy(export("default", "onnx", out=tmp_path / "m.onnx")["path"], onnx_copy)
+    faces = (np.random.default_rng(0).random((2, 3, 92, 92)) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    reference = load_predictor("default")(faces).age
+    for path in (script, onnx_copy):
+        assert np.allclose(load_predictor(path)(faces).age, reference, atol=0.01), path
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path, kind in ((empty, "an empty file"), (tmp_path, "a folder")):
+        with pytest.raises(AgecliError, match=f"is not an agecli checkpoint: it looks like {kind}\\.$"):
+            load_predictor(path)
+
+
 def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):
     import logging
 

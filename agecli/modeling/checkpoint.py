@@ -131,8 +131,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise AgecliError(f"model file {path} does not exist.")
     kind = sniff(path)
     if kind != "torch":
-        raise AgecliError(f"{path} is not an agecli checkpoint: it looks like {kind}. "
-                          "ONNX models can be used as teachers with --teacher-spec; see `agecli distill --help`.")
+        hint = (" ONNX models can be used as teachers with --teacher-spec; see `agecli distill --help`."
+                if kind == "an ONNX model" else "")
+        raise AgecliError(f"{path} is not an agecli checkpoint: it looks like {kind}.{hint}")
     payload = load_torch_file(path, label=str(path))
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         what = _describe_payload(payload)
@@ -199,17 +200,32 @@ def load_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, s
 
 def sniff(path: Path) -> str:
     """Guess a model file's kind from its first bytes: torch, or a phrase saying what it is instead."""
+    if path.is_dir():
+        return "a folder"
     with open(path, "rb") as handle:
         head = handle.read(64)
-    if zipfile.is_zipfile(path) or head[:2] == b"\x80\x02":
+    if not head:
+        return "an empty file"
+    if zipfile.is_zipfile(path):
+        return "a TorchScript model" if _is_torchscript(path) else "torch"
+    if head[:2] == b"\x80\x02":
         return "torch"
     if head[:4] == b"PK\x03\x04":  # a zip without its directory at the end: a save or copy cut short
         return "a truncated or damaged zip archive (a PyTorch save cut short?)"
-    if head[:1] == b"\x08" and b"onnx" in open(path, "rb").read(4096).lower() or path.suffix == ".onnx":
+    if head[:1] == b"\x08" and b"onnx" in open(path, "rb").read(4096).lower() or path.suffix.lower() == ".onnx":
         return "an ONNX model"
     if head.strip()[:1] in (b"{", b"["):
         return "a JSON/text file"
     return "an unknown binary file" if b"\x00" in head else "a text file"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive holds its code; a torch.save archive holds only data."""
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any("/code/" in name or name.endswith("/constants.pkl") for name in names)
 
 
 def _describe_payload(payload: Any) -> str:

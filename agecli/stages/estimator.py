@@ -98,7 +98,8 @@ def load_predictor(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "c
     if not path.exists():
         raise AgecliError(f"model file {path} does not exist; give an agecli checkpoint (.pt), an `agecli export` "
                           f"file, or a model name: {DEFAULT_MODEL} (shipped with agecli) or {CC0_MODEL}.")
-    exported_file = path.suffix in (".onnx", ".torchscript", ".ts") or sniff(path) == "an ONNX model"
+    exported_file = (path.suffix.lower() in (".onnx", ".torchscript", ".ts")
+                     or sniff(path) in ("an ONNX model", "a TorchScript model"))
     # load_checkpoint says what the file is when it is not a checkpoint
     spec, run = (_exported_runner if exported_file else _checkpoint_runner)(path, device, batch_size)
     alignment, notes = crop_alignment(spec)

@@ -194,7 +194,7 @@ def load_exported(path: str | Path, *, device: str = "cpu", threads: int | None 
     path = Path(path)
     if not path.exists():
         raise AgecliError(f"model file {path} does not exist.")
-    if kind == "onnx" or (kind is None and (path.suffix == ".onnx" or sniff(path) == "an ONNX model")):
+    if kind == "onnx" or (kind is None and (path.suffix.lower() == ".onnx" or sniff(path) == "an ONNX model")):
         session = onnx_session(path, device=device, threads=threads)
         meta = session.get_modelmeta().custom_metadata_map
         if "agecli_spec" not in meta:
