@@ -237,6 +237,37 @@ def test_video_tracking_smoothing_and_a_browser_playable_copy(tmp_path):
     assert sparse[1]["age"] == pytest.approx((sparse[0]["age_frame"] + sparse[1]["age_frame"]) / 2, abs=1e-4)
 
 
+def test_an_interrupted_video_leaves_no_cut_copy_under_its_name(tmp_path):
+    """Ctrl-C during a video renamed the partial annotated copy into place: 16 of 300 frames
+    under the final name, looking whole."""
+    _need_detector()
+    import signal
+    import time
+
+    import cv2
+
+    photo = cv2.resize(cv2.imread(str(PHOTOS / "astronaut.jpg")), (320, 320))
+    path = tmp_path / "long.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 320))
+    for i in range(400):
+        writer.write(np.roll(photo, i % 50, axis=1))
+    writer.release()
+    ann = tmp_path / "ann"
+    proc = subprocess.Popen([sys.executable, "-m", "agecli", "predict", str(path), "--annotate", str(ann),
+                             "--out", str(tmp_path / "faces.csv"), "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(ann.glob(".long.*partial*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the video was read to its end before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "nothing partial was kept" in err
+    assert sorted(p.name for p in ann.iterdir()) == [".agecli-annotated"]
+    assert not (tmp_path / "faces.csv").exists()
+
+
 def test_onnx_export_predicts_like_the_checkpoint(tmp_path):
     _need_detector()
     from agecli.stages.export import export

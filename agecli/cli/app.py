@@ -139,9 +139,14 @@ def _interrupted() -> None:
     143 for SIGTERM), saying what happened and how to go on."""
     signum = _received[0] if _received else signal.SIGINT
     what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    typer.echo(f"{what}; the running stage is marked interrupted in its manifest. prepare, bench and "
-               "`agecli run` continue where they stopped when run again; train and distill continue with "
-               "--resume --name NAME.", err=True)
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+    if command in ("predict", "export"):   # no stage, no manifest: say what was (not) kept
+        typer.echo(f"{what}; {command} writes its results (--out, an annotated video) only when it finishes, "
+                   "so nothing partial was kept: run it again.", err=True)
+    else:
+        typer.echo(f"{what}; the running stage is marked interrupted in its manifest. prepare, bench and "
+                   "`agecli run` continue where they stopped when run again; train and distill continue with "
+                   "--resume --name NAME.", err=True)
     sys.exit(128 + int(signum))
 
 

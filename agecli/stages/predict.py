@@ -344,16 +344,17 @@ class _VideoRun:
                               "(e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`).")
         self.fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) or None
-        interrupted = False
+        interrupted = finished = False
         try:
             frames_read = self._read_all(capture, total, progress)
+            finished = True
         except KeyboardInterrupt:
             if not self.live:
                 raise
-            frames_read, interrupted = self.frames_read, True
+            frames_read, interrupted, finished = self.frames_read, True, True   # Ctrl-C ends a live stream
         finally:
             capture.release()
-            self._close()
+            self._close(keep=finished)
         if frames_read == 0:
             raise AgecliError(f"{self.name} opened but no frame could be decoded; the file may be damaged.")
         return {"file": self.name, "frames": frames_read, "fps": self.fps, "faces": self.faces,
@@ -410,12 +411,16 @@ class _VideoRun:
             self.partial = self.writer.partial
         self.writer.write(canvas)
 
-    def _close(self) -> None:
-        """Finish the annotated copy: renamed into place whole (FFmpeg creates it under the umask)."""
+    def _close(self, keep: bool) -> None:
+        """Finish the annotated copy: renamed into place whole (FFmpeg creates it under the umask),
+        or removed when the video was not read to its end (a cut copy would pass for a whole one)."""
         if self.writer is None:
             return
         self.writer.release()
-        os.replace(self.partial, self.target)
+        if keep:
+            os.replace(self.partial, self.target)
+        else:
+            self.partial.unlink(missing_ok=True)
 
 
 class _Writer:
