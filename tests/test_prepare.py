@@ -118,6 +118,14 @@ def test_csv_bad_images_become_rejects(tmp_path):
     assert res["rejects"] == {"truncated": 1, "unreadable": 1, "unsafe_path": 1}
     store = FaceStore.open(tmp_path / "run")
     assert sorted(store.records["path"]) == ["deep.png", "grey.png", "ok.jpg"]
+    # nothing usable at all: an error naming the rejects, not a finished stage of 0 faces
+    (tmp_path / "none.csv").write_text("path,age\njunk.jpg,20\n../escape.jpg,30\n")
+    with pytest.raises(AgecliError, match=r"no face was stored from .*none\.csv \(rejects: unreadable 1, unsafe_path 1; "
+                                          r"each with its path in .*rejects\.csv"):
+        prepare("csv", tmp_path / "none.csv", tmp_path / "empty_run", detector="none", size=24)
+    assert (tmp_path / "empty_run" / "prepare" / "rejects.csv").exists()
+    with pytest.raises(AgecliError, match="Run prepare first|prepare .*(failed|not complete|interrupted)"):
+        FaceStore.open(tmp_path / "empty_run")
 
 
 def test_bad_arguments(tmp_path):

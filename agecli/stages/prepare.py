@@ -97,6 +97,13 @@ def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None
             stage.set(status="partial", results=results)
             return results
         frame, reject_frame = _consolidate(stage, plan, work, hash_rejects)
+        if frame.empty:   # a finished stage of no faces would only fail the next command
+            reasons = ", ".join(f"{reason} {count}" for reason, count in
+                                sorted(Counter(reject_frame["reason"].tolist()).items())) or "none"
+            raise AgecliError(f"no face was stored from {plan.root} (rejects: "
+                              f"{reasons}; each with its path in {stage.path('rejects.csv')}). Fix those images "
+                              "or paths (a CSV's paths are relative to its folder and stay inside it), or "
+                              "choose another --detector, and run prepare again.")
         elapsed = time.perf_counter() - started
         results = _results(dataset, plan.root, run, plan.parsed, plan.samples, frame, reject_frame,
                            Counter(plan.parsed.quirks), _duplicate_report(plan.samples, contents),
