@@ -182,6 +182,27 @@ def test_cli_train_json_and_resume(synthetic_run):
     assert json.loads(out.stdout)["last_epoch"] == 2
 
 
+def test_resume_refuses_options_it_would_not_apply(synthetic_run):
+    """--resume --lr 0.5 continued the old schedule yet recorded lr 0.5 as used; --arch raised a
+    raw state-dict error. Where and how long a run goes may change (--epochs extends it)."""
+    from dataclasses import replace
+
+    options = TrainOptions(epochs=1, max_batches=2, device="cpu", precise_bn_batches=0, **FAST)
+    train(synthetic_run, arch="mobilenet", size=32, name="r", options=options)
+    manifest = synthetic_run / "train" / "r" / "manifest.json"
+    before = manifest.read_bytes()
+    for kwargs, changes in (({"options": replace(options, resume=True, lr=0.5, seed=9)}, r"--lr 0\.003 -> 0\.5; --seed 0 -> 9"),
+                            ({"options": replace(options, resume=True), "size": 48}, r"size 32 -> 48"),
+                            ({"options": replace(options, resume=True), "arch": "shufflenet"}, r"arch 'mobilenet_v3")):
+        with pytest.raises(AgecliError, match=f"--resume continues .*r as it was started, but these differ from "
+                                              f"its start: {changes}"):
+            train(synthetic_run, **{"arch": "mobilenet", "size": 32, "name": "r", **kwargs})
+        assert manifest.read_bytes() == before
+    longer = train(synthetic_run, arch="mobilenet", size=32, name="r",
+                   options=replace(options, resume=True, epochs=2, threads=2, workers=0))
+    assert longer["last_epoch"] == 2 and json.loads(manifest.read_text())["status"] == "complete"
+
+
 def test_time_limit_cuts_the_schedule_and_a_generous_one_does_not(synthetic_run, tmp_path):
     store, model, spec = _setup(synthetic_run)
     train_idx, val_idx = store.indices("train"), store.indices("val")[:16]

@@ -15,6 +15,7 @@ into metrics.json, whose schema both stages share:
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,7 @@ from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, load_state, l
 from agecli.modeling.encodings import Encoding
 from agecli.options import TrainOptions
 from agecli.progress import ProgressFn
-from agecli.rundir import Stage, check_name, unique_name, write_json
+from agecli.rundir import Stage, check_name, json_default, unique_name, write_json
 from agecli.store import FaceStore
 
 MIN_TRAIN_FACES = 16  # fewer training faces than this is a mistake, not an experiment
@@ -159,10 +160,36 @@ class _Unrecorded:
         pass
 
 
+# what --resume may change: where and how fast the run goes, and how long it lasts (a longer
+# --epochs extends it); every other option is the run's own and is restored from last.pt
+RESUME_MAY_CHANGE = {"resume", "device", "threads", "workers", "val_batch_size", "compile", "amp", "channels_last",
+                     "time_limit", "epochs", "patience", "precise_bn_batches"}
+
+
+def check_resume(run: Path, kind: str, name: str, args: dict[str, Any]) -> None:
+    """Refuse a --resume whose options would change what the run trains: they were not applied
+    (the optimiser, schedule and sampler come back from last.pt) yet would be recorded as used."""
+    manifest = run / kind / name / "manifest.json"
+    if not (args.get("options") or {}).get("resume") or not manifest.exists():
+        return
+    before = json.loads(manifest.read_text()).get("args") or {}
+    now = json.loads(json.dumps(args, default=json_default))
+    changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+               if key != "options" and before.get(key) != now.get(key)]
+    old, new = before.get("options") or {}, now.get("options") or {}
+    changed += [f"--{key.replace('_', '-')} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)]
+    if changed:
+        raise AgecliError(f"--resume continues {run / kind / name} as it was started, but these differ from its "
+                          f"start: {'; '.join(changed)}. Give them as they were to resume (only where and how "
+                          "long it runs may change), or train a new model under another --name.")
+
+
 @contextlib.contextmanager
 def open_stage(world: distributed.World, run: Path, kind: str, name: str, args: dict[str, Any],
                inputs: dict[str, Any]) -> Iterator[Stage | _Unrecorded]:
     """The stage's manifest (rank 0), or a stand-in that records nothing (other ranks)."""
+    check_resume(run, kind, name, args)
     if not world.main:
         yield _Unrecorded()
         return
