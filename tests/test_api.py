@@ -113,6 +113,14 @@ def test_the_usual_in_memory_forms_of_an_image_give_the_same_pixels():
     assert np.array_equal(as_rgb(rgb.astype(np.int64)), rgb)
     grey = rgb[..., :1]
     assert np.array_equal(as_rgb(grey), np.repeat(grey, 3, axis=2))
+    # a 16-bit grey PIL image (mode I;16, as PIL opens a 16-bit PNG): PIL's convert("RGB") clipped
+    # it to white, so the API found no face where the file's path found one
+    from PIL import Image
+
+    wide = grey[..., 0].astype(np.uint16) * 257
+    pil16 = Image.fromarray(wide)
+    assert pil16.mode.startswith("I;16")
+    assert np.array_equal(as_rgb(pil16), np.repeat(grey, 3, axis=2))
 
 
 def test_age_spread_is_the_standard_deviation_of_the_distribution():

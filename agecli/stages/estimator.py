@@ -195,6 +195,8 @@ def as_rgb(image: Any, *, bgr: bool = False) -> np.ndarray:
         except ImageError as exc:
             raise AgecliError(f"cannot read {image} as an image ({exc}).") from None
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
+        if str(getattr(image, "mode", "")).startswith("I;16"):   # convert("RGB") would clip it to white
+            return as_rgb(np.asarray(image).astype(np.uint16), bgr=False)
         return np.ascontiguousarray(np.asarray(image.convert("RGB")))
     array = _as_uint8(np.asarray(image))
     if array.ndim == 3 and array.shape[2] == 1:
