@@ -132,6 +132,12 @@ def test_an_empty_input_is_refused_and_annotated_copies_in_the_input_are_not_inp
 
     with pytest.raises(AgecliError, match="empty string"):
         predict([""])
+    from agecli.stages.predict import collect_inputs
+
+    (tmp_path / "mac").mkdir()
+    for name in ("IMG_1.jpg", "._IMG_1.jpg", ".hidden.jpg"):   # ._ files: macOS resource forks, not photos
+        (tmp_path / "mac" / name).write_bytes(b"x")
+    assert collect_inputs([tmp_path / "mac"]) == ([(tmp_path / "mac" / "IMG_1.jpg", "image")], [])
     photos = tmp_path / "photos"
     photos.mkdir()
     shutil.copy(PHOTOS / "group1.jpg", photos / "group1.jpg")

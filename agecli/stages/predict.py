@@ -69,9 +69,11 @@ def collect_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, 
             made = {mark.parent for mark in path.rglob(ANNOTATED_MARK)} - {path}
             for child in sorted(p for p in path.rglob("*") if p.is_file() and not made & set(p.parents)):
                 kind = _kind(child)
+                if child.name.startswith("."):   # hidden, or macOS's ._IMG.jpg resource forks: not photos
+                    continue
                 if kind:
                     found.append((child, kind))
-                elif not child.name.startswith("."):
+                else:
                     skipped.append(str(child))
         elif path.is_file():
             found.append((path, "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "image"))
