@@ -135,6 +135,9 @@ def test_bad_arguments(tmp_path):
         prepare("imdb", tmp_path, tmp_path / "run")
     with pytest.raises(AgecliError, match="size"):
         prepare("utkface", tmp_path, tmp_path / "run", size=4)
+    # an unknown template is refused whatever the detector (it was recorded as given with none)
+    with pytest.raises(AgecliError, match="unknown alignment template 'bogus'"):
+        prepare("utkface", tmp_path, tmp_path / "run", detector="none", template="bogus")
 
 
 @pytest.mark.shared_data

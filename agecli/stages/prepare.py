@@ -38,7 +38,7 @@ from agecli.device import require_device
 from agecli.errors import AgecliError
 from agecli.labels import GROUP_NAMES
 from agecli.options import PrepareOptions
-from agecli.progress import ProgressFn
+from agecli.progress import ProgressFn, log
 from agecli.rundir import (Stage, atomic_path, check_run_dir, fingerprint_listing, read_json, runs_root, write_csv,
                            write_text)
 from agecli.store import RECORD_COLUMNS, Alignment
@@ -137,10 +137,13 @@ class _Plan:
 def _check_machine(options: PrepareOptions) -> str:
     """What the options cannot check alone: the template's name, and a GPU for --device cuda.
     Returns the device to use (`auto` resolved)."""
-    if options.detector == "mtcnn":
-        from agecli.data.faces import template_points
+    from agecli.data.faces import template_points
 
-        template_points(options.template)  # unknown template -> error before any work
+    template_points(options.template)  # unknown template -> error before any work, whatever the detector
+    if options.detector != "mtcnn" and (options.template, options.margin) != (PrepareOptions.template,
+                                                                              PrepareOptions.margin):
+        log(f"note: --template and --margin shape detected faces; with --detector {options.detector} each image "
+            "is taken as an aligned crop and resized whole, so they change nothing.")
     return require_device(options.device) if options.detector == "mtcnn" else "cpu"
 
 

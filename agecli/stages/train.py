@@ -48,7 +48,7 @@ def train(run: str | Path | None = None, *, arch: str, name: str | None = None, 
     if len(val_idx) == 0:
         raise AgecliError(f"run {run} has no labelled validation faces (labelled faces per split: "
                           f"{split_counts(store)}); best.pt and early stopping need them. "
-                          "Re-run prepare with a validation fraction (--val).")
+                          "Re-run prepare with a validation fraction (--val-fraction).")
     enc_options = {k: v for k, v in (("sigma", sigma), ("decode", decode), ("loss_kind", loss)) if v is not None}
     enc = build_encoding(encoding, **enc_options)
     size = input_size(size, store, arch)
