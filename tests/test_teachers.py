@@ -196,6 +196,10 @@ def test_checkpoint_teachers_give_distributions_for_every_encoding(tmp_path):
     assert hooked(x01).features.shape == (3, 24)
     with pytest.raises(AgecliError, match="no layer"):
         load_teacher(str(tmp_path / "ldae.pt"), hint_layer="nope")
+    # a train stage's best.pt is named by its folder (students were called ..._from_best.pt)
+    (tmp_path / "t12").mkdir()
+    assert load_teacher(str(_checkpoint(tmp_path / "t12", "ldae", "best.pt"))).name == "t12"
+    assert load_teacher(str(tmp_path / "ldae.pt")).name == "ldae.pt"
 
 
 def test_ensemble_is_the_weighted_average(tmp_path):

@@ -28,8 +28,9 @@ class CheckpointTeacher(Teacher):
                  hint_layer: str | None = None):
         self.path = Path(path)
         self.model, self.spec = load_checkpoint(self.path, device)
-        super().__init__(self.path.name, self.spec.input_size, self.spec.alignment or None,
-                         self.spec.mean, self.spec.std)
+        # RUN/train/t12/best.pt is "t12" (a student's default folder is then mobilenet_..._from_t12)
+        name = self.path.parent.name if self.path.name == "best.pt" and self.path.parent.name else self.path.name
+        super().__init__(name, self.spec.input_size, self.spec.alignment or None, self.spec.mean, self.spec.std)
         self.device = torch.device(device)
         self.half = bool(half and self.device.type == "cuda")
         if self.half:
