@@ -201,6 +201,10 @@ def test_resume_refuses_options_it_would_not_apply(synthetic_run):
     longer = train(synthetic_run, arch="mobilenet", size=32, name="r",
                    options=replace(options, resume=True, epochs=2, threads=2, workers=0))
     assert longer["last_epoch"] == 2 and json.loads(manifest.read_text())["status"] == "complete"
+    # stopped before its first epoch ended: no last.pt, and the message says what to do instead
+    (synthetic_run / "train" / "early").mkdir()
+    with pytest.raises(AgecliError, match="stopped before its first epoch ended.*without --resume"):
+        train(synthetic_run, arch="mobilenet", size=32, name="early", options=replace(options, resume=True))
 
 
 def test_time_limit_cuts_the_schedule_and_a_generous_one_does_not(synthetic_run, tmp_path):

@@ -78,6 +78,10 @@ def output_name(parent: Path, base: str, resume: bool, world: distributed.World)
     base = check_name(base)
     if resume:
         if not (parent / base / "last.pt").exists():
+            if (parent / base).is_dir():   # started, but stopped before its first epoch ended
+                raise AgecliError(f"--resume: {parent / base} stopped before its first epoch ended, so it has no "
+                                  "last.pt to resume; run the command without --resume (it starts again in a new "
+                                  f"folder), or delete {parent / base} first to keep the name.")
             runs = sorted(p.name for p in parent.glob("*")) if parent.is_dir() else "none"
             raise AgecliError(f"--resume: {parent / base / 'last.pt'} does not exist; nothing to resume "
                               f"(runs here: {runs}).")
