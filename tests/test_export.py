@@ -84,6 +84,13 @@ def test_exports_load_by_content_whatever_their_name(tmp_path):
             load_predictor(path)
 
 
+def test_a_run_given_for_the_parity_check_must_hold_faces(tmp_path):
+    """--run /nowhere was ignored: the check ran on the bundled photos without a word."""
+    with pytest.raises(AgecliError, match=r"--run .*nowhere holds no prepared faces"):
+        export("default", "onnx", out=tmp_path / "m.onnx", run=tmp_path / "nowhere")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):
     import logging
 

@@ -89,7 +89,9 @@ def test_images_too_small_for_a_face_are_no_face_and_the_batch_goes_on(tmp_path)
     assert len(result["rows"]) == 3 and (tmp_path / "faces.csv").exists()
     assert sorted(result["no_face"]) == sorted([str(tiny), str(strip)]) and result["failed"] == []
     assert AgeEstimator().predict(np.zeros((10, 10, 3), np.uint8)) == []
-    assert AgeEstimator(max_side=12).predict(PHOTOS / "group1.jpg") == []
+    for bad in ({"max_side": 12}, {"min_score": 2}, {"min_face_fraction": -1}, {"batch_size": 0}):
+        with pytest.raises(AgecliError, match=f"{next(iter(bad))} .* is out of range"):
+            AgeEstimator(**bad)   # a silent empty result, or an error at the first call
 
 
 def test_a_bad_file_is_reported_and_the_batch_goes_on(tmp_path):

@@ -250,6 +250,14 @@ class AgeEstimator:
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "cpu", min_score: float = 0.9,
                  min_face_fraction: float = 0.03, max_side: int = 960, batch_size: int = 64):
+        for name, value, ok, meaning in (("min_score", min_score, 0 <= min_score <= 1, "a probability in [0, 1]"),
+                                         ("min_face_fraction", min_face_fraction, 0 < min_face_fraction <= 1,
+                                          "a fraction of the shorter side in (0, 1]"),
+                                         ("max_side", max_side, max_side == 0 or max_side >= 32,
+                                          "pixels, at least 32 (0: no limit)"),
+                                         ("batch_size", batch_size, batch_size >= 1, "at least 1")):
+            if not ok:   # else a silent empty result (min_score 2) or an error at the first call (batch_size 0)
+                raise AgecliError(f"{name} {value!r} is out of range: it is {meaning}.")
         self.device = require_device(device)
         self.predictor = load_predictor(model, device=self.device, batch_size=batch_size)
         self.detector_options = {"max_side": max_side, "min_face_fraction": min_face_fraction,

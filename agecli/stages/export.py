@@ -234,7 +234,11 @@ def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limi
     from agecli.store import FaceStore
 
     candidates: list[Path] = []
-    if run is not None:
+    if run is not None:   # asked for: its faces or an error, never a silent fall-back to others
+        if not (Path(run) / "prepare" / "manifest.json").exists():
+            raise AgecliError(f"--run {run} holds no prepared faces (no {Path(run) / 'prepare' / 'manifest.json'}); "
+                              "give a run that `agecli prepare` made, or leave --run out to check on the "
+                              "model's own run or the bundled photos.")
         candidates.append(Path(run))
     provenance_run = spec.provenance.get("run") if isinstance(spec.provenance, dict) else None
     if provenance_run:
