@@ -89,6 +89,7 @@ def test_a_run_given_for_the_parity_check_must_hold_faces(tmp_path):
     with pytest.raises(AgecliError, match=r"--run .*nowhere holds no prepared faces"):
         export("default", "onnx", out=tmp_path / "m.onnx", run=tmp_path / "nowhere")
     assert not (tmp_path / "m.onnx").exists()
+    assert export("default", "ONNX", out=tmp_path / "m.onnx")["format"] == "onnx"   # names are case-blind
 
 
 def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):

@@ -250,6 +250,16 @@ def test_model_files_that_are_not_tensors_are_refused_in_agecli_words(tmp_path):
                 load(tmp_path / name)
             assert "weights_only` set to `False" not in str(error.value)
             assert name in str(error.value)
+    # a checkpoint of a newer format says so and what to do ('agecli None' before)
+    from agecli.modeling.checkpoint import FORMAT_VERSION, read_checkpoint
+
+    payload = read_checkpoint(model)
+    payload["format_version"] = FORMAT_VERSION + 1
+    payload.pop("spec", None)
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(AgecliError, match=rf"format {FORMAT_VERSION + 1}; this agecli .* reads format "
+                                          rf"{FORMAT_VERSION}\. Upgrade agecli"):
+        load_checkpoint(tmp_path / "future.pt")
 
 
 def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):

@@ -140,9 +140,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise AgecliError(f"{path} is not an agecli checkpoint ({what}). Use it with `agecli train --init {path}` "
                           "if it is a state dict of the same architecture.")
     if payload.get("format_version") != FORMAT_VERSION:
-        raise AgecliError(f"{path} has checkpoint format {payload.get('format_version')} "
-                          f"(agecli {payload.get('spec', {}).get('agecli_version')}); this agecli {__version__} "
-                          f"reads format {FORMAT_VERSION}.")
+        spec = payload.get("spec")
+        maker = spec.get("agecli_version") if isinstance(spec, dict) else None
+        by = f", written by agecli {maker}" if maker else ""
+        newer = isinstance(payload.get("format_version"), int) and payload["format_version"] > FORMAT_VERSION
+        raise AgecliError(f"{path} has checkpoint format {payload.get('format_version')}{by}; this agecli "
+                          f"{__version__} reads format {FORMAT_VERSION}. "
+                          + ("Upgrade agecli (pip install -U agecli) to read it." if newer else
+                             "Re-train or re-export it with this agecli."))
     return payload
 
 

@@ -120,9 +120,9 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
 
 
 def get_format(name: str) -> ExportFormat:
-    if name not in FORMATS:
+    if str(name).lower() not in FORMATS:   # ONNX as well as onnx
         raise AgecliError(f"unknown export format {name!r}; choose one of: {', '.join(FORMATS)}.")
-    return FORMATS[name]
+    return FORMATS[str(name).lower()]
 
 
 def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -297,7 +297,7 @@ def export(model_path: str | Path, format: str = "onnx", out: str | Path | None 
     if quantize not in (None, "int8"):
         raise AgecliError(f"--quantize {quantize!r} is not supported; the only choice is int8.")
     if quantize and not fmt.quantize:
-        raise AgecliError(f"--quantize int8 needs --format onnx (onnxruntime dynamic quantisation); got {format}.")
+        raise AgecliError(f"--quantize int8 needs --format onnx (onnxruntime static quantisation); got {format}.")
     read_checkpoint(model_path)  # explains what the file is when it is not a checkpoint
     model, spec = load_checkpoint(model_path, "cpu")
     out = export_target(model_path, out, fmt, force)
