@@ -109,6 +109,16 @@ def test_the_usual_in_memory_forms_of_an_image_give_the_same_pixels():
     rgb = as_rgb(path)
     assert np.array_equal(as_rgb(path.read_bytes()), rgb)
     assert np.array_equal(as_rgb(bytearray(path.read_bytes())), rgb)
+    import io
+
+    with open(path, "rb") as handle:   # an open file and a BytesIO (an upload) read like the path
+        assert np.array_equal(as_rgb(handle), rgb)
+    assert np.array_equal(as_rgb(io.BytesIO(path.read_bytes())), rgb)
+    with open(path, encoding="latin-1") as handle, pytest.raises(AgecliError, match="open the image with"):
+        as_rgb(handle)
+    for wrong, said in (([path, path], "a list of 2"), (None, "got None")):
+        with pytest.raises(AgecliError, match=f"predict takes one image .*{said}.*predict_many"):
+            as_rgb(wrong)
     assert np.array_equal(as_rgb(rgb.astype(np.uint16) * 257), rgb)
     assert np.array_equal(as_rgb(rgb.astype(np.int64)), rgb)
     grey = rgb[..., :1]

@@ -179,9 +179,9 @@ def _join(parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | No
 
 # --------------------------------------------------------------------------- images
 def as_rgb(image: Any, *, bgr: bool = False) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from a path, an encoded file's bytes, a PIL image or a numpy array
-    (uint8, uint16, other integers in 0-255, or floats in [0, 1]; grey, (H, W, 1) or with
-    alpha; `bgr=True` for frames read by OpenCV)."""
+    """RGB uint8 (H, W, 3) from a path, an encoded file's bytes (or a binary file object), a PIL
+    image or a numpy array (uint8, uint16, other integers in 0-255, or floats in [0, 1]; grey,
+    (H, W, 1) or with alpha; `bgr=True` for frames read by OpenCV)."""
     from agecli.data.faces import ImageError, read_image
 
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -194,6 +194,15 @@ def as_rgb(image: Any, *, bgr: bool = False) -> np.ndarray:
             return read_image(image)
         except ImageError as exc:
             raise AgecliError(f"cannot read {image} as an image ({exc}).") from None
+    if hasattr(image, "read") and callable(image.read):   # an open file or io.BytesIO: its encoded bytes
+        data = image.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise AgecliError("the file object given reads text, not bytes; open the image with open(path, 'rb').")
+        return as_rgb(data, bgr=bgr)
+    if isinstance(image, (list, tuple)) or image is None:
+        raise AgecliError(f"predict takes one image (a path, bytes, a file object, a PIL image or an array); got "
+                          f"{'None' if image is None else f'a {type(image).__name__} of {len(image)}'}. For several "
+                          "images use predict_many.")
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         if str(getattr(image, "mode", "")).startswith("I;16"):   # convert("RGB") would clip it to white
             return as_rgb(np.asarray(image).astype(np.uint16), bgr=False)
@@ -239,7 +248,7 @@ class AgeEstimator:
         from agecli import AgeEstimator
 
         estimator = AgeEstimator()       # the default model; or AgeEstimator("best.pt"), ("dlib-age")
-        for face in estimator.predict("agecli/sample/photos/group1.jpg"):  # a path, bytes, a PIL image, an RGB array
+        for face in estimator.predict("agecli/sample/photos/group1.jpg"):  # a path, bytes, a file, PIL, an array
             print(f"{face['age']:.0f} years (+/- {face['age_std']:.0f}), {face['gender']}, box {face['box']}")
 
     `model`: a checkpoint, an export, "default" or "dlib-age". Detection: faces scoring at
@@ -278,8 +287,8 @@ class AgeEstimator:
         return self.predictor.notes
 
     def predict(self, image: Any, *, bgr: bool = False) -> list[dict[str, Any]]:
-        """The faces of one image (a path, an encoded file's bytes, a PIL image or a numpy array),
-        most confident first."""
+        """The faces of one image (a path, an encoded file's bytes or a binary file object, a PIL
+        image or a numpy array), most confident first."""
         return self.predict_many([image], bgr=bgr)[0]
 
     def predict_many(self, images: Sequence[Any], *, bgr: bool = False) -> list[list[dict[str, Any]]]:
