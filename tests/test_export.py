@@ -92,6 +92,19 @@ def test_a_run_given_for_the_parity_check_must_hold_faces(tmp_path):
     assert export("default", "ONNX", out=tmp_path / "m.onnx")["format"] == "onnx"   # names are case-blind
 
 
+def test_an_int8_copy_without_labelled_faces_says_how_far_its_ages_move(tmp_path):
+    """The bundled photos carry no labels, so there is no MAE cost: the output said nothing of
+    accuracy at all, though ages moved by up to 2.8 years."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "agecli", "export", "--model", "default", "--quantize", "int8",
+                           "--out", str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("int8:"))
+    assert "ages move by up to" in line and "give --run" in line
+
+
 def test_int8_quantisation_reports_cost_and_speed(bench_run, tmp_path):
     import logging
 

@@ -69,7 +69,10 @@ def _print(result: dict) -> None:
                   f"{p['max_abs_age']:.2e} years (tolerance {p['tolerance']}){mae}", highlight=False)
     q = result.get("quantized")
     if q:
-        cost = "" if q["mae_cost"] is None else f", MAE {q['mae_fp32']:.3f} -> {q['mae_int8']:.3f} ({q['mae_cost']:+.3f})"
+        # without labelled faces there is no MAE cost: the largest change of an age is what is known then
+        cost = (f", ages move by up to {q['max_abs_age_vs_fp32']:.2f} years (no labelled faces to score; give --run)"
+                if q["mae_cost"] is None else
+                f", MAE {q['mae_fp32']:.3f} -> {q['mae_int8']:.3f} ({q['mae_cost']:+.3f})")
         console.print(f"int8: {q['path']} ({q['bytes'] / 2**20:.1f} MB vs {q['fp32_bytes'] / 2**20:.1f} MB){cost}; "
                       f"batch 1 {q['latency_ms_fp32']:.2f} -> {q['latency_ms_int8']:.2f} ms "
                       f"({q['speedup_batch1']:.2f}x), batch {q['batch']} {q['speedup_batch']:.2f}x, "
