@@ -84,9 +84,9 @@ def test_exports_load_by_content_whatever_their_name(tmp_path):
             load_predictor(path)
 
 
-def test_a_run_given_for_the_parity_check_must_hold_faces(tmp_path):
-    """--run /nowhere was ignored: the check ran on the bundled photos without a word."""
-    with pytest.raises(AgecliError, match=r"--run .*nowhere holds no prepared faces"):
+def test_a_run_given_for_the_parity_check_must_exist(tmp_path):
+    """--run /nowhere (a typo) was ignored: the check ran on the bundled photos without a word."""
+    with pytest.raises(AgecliError, match=r"--run .*nowhere does not exist"):
         export("default", "onnx", out=tmp_path / "m.onnx", run=tmp_path / "nowhere")
     assert not (tmp_path / "m.onnx").exists()
     assert export("default", "ONNX", out=tmp_path / "m.onnx")["format"] == "onnx"   # names are case-blind

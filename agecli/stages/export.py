@@ -234,11 +234,10 @@ def parity_faces(model_path: Path, spec: ModelSpec, run: str | Path | None, limi
     from agecli.store import FaceStore
 
     candidates: list[Path] = []
-    if run is not None:   # asked for: its faces or an error, never a silent fall-back to others
-        if not (Path(run) / "prepare" / "manifest.json").exists():
-            raise AgecliError(f"--run {run} holds no prepared faces (no {Path(run) / 'prepare' / 'manifest.json'}); "
-                              "give a run that `agecli prepare` made, or leave --run out to check on the "
-                              "model's own run or the bundled photos.")
+    if run is not None:   # a folder without prepared faces falls back (and the parity line says where)
+        if not Path(run).exists():   # but a path that is not there at all is a mistake, not a choice
+            raise AgecliError(f"--run {run} does not exist; give a run that `agecli prepare` made, or leave --run "
+                              "out to check on the model's own run or the bundled photos.")
         candidates.append(Path(run))
     provenance_run = spec.provenance.get("run") if isinstance(spec.provenance, dict) else None
     if provenance_run:
