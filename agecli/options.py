@@ -22,12 +22,6 @@ ENCODING_NAMES = ("regression", "classification", "ldae", "ordinal", "groups")  
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def check_device(device: Any, option: str = "--device") -> None:
-    """A device name agecli knows: auto, cpu, cuda or cuda:N (whether the GPU exists is
-    agecli.device's to say, when the stage starts)."""
-    check_device_name(device, option)
-
-
 def check_range(options: Any, bounds: dict[str, tuple[float, float, str]]) -> None:
     """Each named field within [low, high] (None passes where the field allows it); the message
     names the option as the command line spells it and says what it takes."""
@@ -102,7 +96,7 @@ class TrainOptions:
         })
         if self.optimizer not in OPTIMIZERS:
             raise AgecliError(f"unknown optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}.")
-        check_device(self.device)
+        check_device_name(self.device)
         if not self.clip_grad:  # the command line's 0 means off, as None does
             self.clip_grad = None
 
@@ -145,7 +139,7 @@ class PrepareOptions:
             "max_side": (32, 16384, "pixels of the longer side that detection sees"),
             "min_score": (0, 1, "the detector's probability"),
         })
-        check_device(self.device)
+        check_device_name(self.device)
         if not isinstance(self.template, str):
             raise AgecliError(f"--template {self.template!r} must be a template name such as arcface5.")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
@@ -213,7 +207,7 @@ class DistillOptions:
             "teacher_views": (0, 1000, "fixed views per face; 0 runs the teacher live"),
         })
         if self.teacher_device is not None:
-            check_device(self.teacher_device, "--teacher-device")
+            check_device_name(self.teacher_device, "--teacher-device")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -227,7 +227,8 @@ def sniff(path: Path) -> str:
 def _is_torchscript(path: Path) -> bool:
     """A TorchScript archive holds its code; a torch.save archive holds only data."""
     try:
-        names = zipfile.ZipFile(path).namelist()
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
     return any("/code/" in name or name.endswith("/constants.pkl") for name in names)
