@@ -128,6 +128,25 @@ def test_csv_bad_images_become_rejects(tmp_path):
         FaceStore.open(tmp_path / "empty_run")
 
 
+def test_the_summary_shows_duplicates_and_the_next_step_that_works(tmp_path, capsys):
+    """Conflicting labels on identical images were only in the manifest, and an unlabelled
+    `folder` run was told `next: agecli train`, which refuses it."""
+    from agecli.cli.commands.prepare_cmd import _summary
+
+    img = np.random.default_rng(5).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    (tmp_path / "img").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        cv2.imwrite(str(tmp_path / "img" / name), img)
+    (tmp_path / "img" / "labels.csv").write_text("path,age\na.jpg,30\nb.jpg,50\n")
+    _summary(prepare("csv", tmp_path / "img" / "labels.csv", tmp_path / "labelled", detector="none", size=24))
+    out = capsys.readouterr().out
+    assert "duplicates: 1 groups of identical images (2 files" in out and "1 with conflicting labels" in out
+    assert f"next: agecli train --run {tmp_path / 'labelled'}" in out
+    _summary(prepare("folder", tmp_path / "img", tmp_path / "unlabelled", detector="none", size=24))
+    out = capsys.readouterr().out
+    assert f"next: agecli distill --run {tmp_path / 'unlabelled'} --teacher MODEL" in out and "agecli train" not in out
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(AgecliError, match="does not exist"):
         prepare("utkface", tmp_path / "missing", tmp_path / "run")

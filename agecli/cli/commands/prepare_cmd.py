@@ -103,5 +103,13 @@ def _summary(results: dict) -> None:
         console.print("rejects: " + ", ".join(f"{k} {v}" for k, v in results["rejects"].items()))
     if results.get("quirks"):
         console.print("quirks: " + ", ".join(f"{k} {v}" for k, v in results["quirks"].items()))
+    dup = results.get("duplicates") or {}
+    if dup.get("groups"):   # kept, each group in one split; conflicting labels are worth a look
+        conflicts = f", {dup['conflicting_labels']} with conflicting labels" if dup.get("conflicting_labels") else ""
+        console.print(f"duplicates: {dup['groups']} groups of identical images ({dup.get('files')} files, each "
+                      f"group kept in one split){conflicts}")
     console.print(f"splits: {results.get('splits')}")
-    console.print(f"next: agecli train --run {results['run']}")
+    if "labels" not in results or "age" in results["labels"]:
+        console.print(f"next: agecli train --run {results['run']}")
+    else:   # nothing to train on: a teacher labels these faces
+        console.print(f"next: agecli distill --run {results['run']} --teacher MODEL (the faces carry no labels)")
