@@ -18,6 +18,7 @@ Each term prints its own formula (`DistillLoss.formula()`):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -94,10 +95,15 @@ def on_student_support(teacher_probs: torch.Tensor, encoding) -> torch.Tensor:
     groups student, each group's share is the sum over the ages that fall in it."""
     if encoding.support != "groups":
         return teacher_probs
-    ages = teacher_probs.shape[1]
-    to_group = torch.zeros(ages, len(ADIENCE_GROUPS), device=teacher_probs.device, dtype=teacher_probs.dtype)
-    to_group[torch.arange(ages), torch.tensor([group_of_age(float(a)) for a in range(ages)])] = 1
-    return teacher_probs @ to_group
+    groups = _group_of_each_age(teacher_probs.shape[1]).to(teacher_probs.device)
+    summed = teacher_probs.new_zeros(teacher_probs.shape[0], len(ADIENCE_GROUPS))
+    return summed.index_add_(1, groups, teacher_probs)
+
+
+@functools.lru_cache(maxsize=4)
+def _group_of_each_age(ages: int) -> torch.Tensor:
+    """Adience group of each age 0..ages-1, made once (not at every batch)."""
+    return torch.tensor([group_of_age(float(a)) for a in range(ages)])
 
 
 def _kl(teacher_probs: torch.Tensor, student_log: torch.Tensor) -> torch.Tensor:
