@@ -6,7 +6,9 @@
     RUN/bench/manifest.json
 
 A manifest records the command, its arguments, the agecli version and format version,
-start and end times, input fingerprints, the files written and a status. A stage is only
+start and end times, input fingerprints, the files written and a status. Its "reads" names
+the models and runs the stage read with their identity then, so a stage whose inputs were
+later retrained is known to be out of date (`changed_reads`). A stage is only
 "complete" once every artifact has been renamed into place and the manifest says so, so a
 killed run is never mistaken for a finished one. Later stages call `require_stage`.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +32,7 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from agecli import FORMAT_VERSION, __version__
 from agecli.errors import AgecliError
@@ -142,6 +145,58 @@ def fingerprint_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def data_fingerprint(prepare_manifest: dict[str, Any], prepare_dir: str | os.PathLike) -> str:
+    """Identity of a run's prepared faces: the hash of records.csv (faces and labels) from the
+    prepare manifest, and the size of faces.npy."""
+    files = prepare_manifest.get("files", {})
+    digest = (files.get("records.csv") or {}).get("sha256")
+    if digest:
+        faces = (files.get("faces.npy") or {}).get("bytes")
+        return f"records:{digest}/faces:{faces}B"
+    return f"records:{fingerprint_file(Path(prepare_dir) / 'records.csv')}"
+
+
+@functools.lru_cache(maxsize=256)
+def _file_identity(path: str, size: int, mtime_ns: int) -> str:
+    return fingerprint_file(path)   # keyed on size and mtime: a plan hashes each teacher once
+
+
+def identify(path: str | os.PathLike) -> str | None:
+    """What a stage records of something it read, to tell later whether it changed: a file's
+    hash, a run folder's data fingerprint; None for anything else (gone, or neither)."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            info = path.stat()
+            return _file_identity(str(path.resolve()), info.st_size, info.st_mtime_ns)
+        prepare = path / "prepare" / "manifest.json"
+        if prepare.is_file():
+            manifest = json.loads(prepare.read_text(encoding="utf-8"))
+            if manifest.get("status") == "complete":
+                return data_fingerprint(manifest, prepare.parent)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def changed_reads(manifest: dict[str, Any]) -> list[str]:
+    """The files and runs a finished stage read (its manifest's "reads") that have changed or
+    gone since: its results are out of date."""
+    return [path for path, identity in (manifest.get("reads") or {}).items() if identify(path) != identity]
+
+
+def shown_in_run(path: str | os.PathLike, run: str | os.PathLike) -> str:
+    """A path as messages show it: relative to the run where it is inside it (`train/t1/best.pt`;
+    the run folder itself stands for its prepared faces)."""
+    base = Path(run).resolve()
+    if Path(path) == base:
+        return "the run's faces"
+    try:
+        return str(Path(path).relative_to(base))
+    except ValueError:
+        return str(path)
 
 
 def fingerprint_listing(root: str | os.PathLike, files: list[Path] | None = None) -> str:
@@ -318,7 +373,7 @@ class Stage:
 
     def __init__(self, run: str | os.PathLike, stage: str, name: str | None = None, *,
                  args: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
-                 lock_key: str | None = None):
+                 reads: Sequence[str | os.PathLike | None] = (), lock_key: str | None = None):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
         self.run = check_run_dir(run)
@@ -335,6 +390,7 @@ class Stage:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "args": args or {},
             "inputs": inputs or {},
+            "reads": recorded_reads(reads),
             "agecli_version": __version__,
             "format_version": FORMAT_VERSION,
             "environment": environment(),
@@ -443,6 +499,17 @@ class Stage:
 
     def _write(self) -> None:
         write_json(self.manifest_path, self.manifest)
+
+
+def recorded_reads(paths: Sequence[str | os.PathLike | None]) -> dict[str, str]:
+    """Absolute path -> identity of each model file and run among `paths` (others are left out:
+    a built-in teacher's name, a plain image folder)."""
+    out = {}
+    for path in paths:
+        identity = identify(path) if path else None
+        if identity is not None:
+            out[str(Path(path).resolve())] = identity
+    return out
 
 
 def read_manifest(stage_dir: str | os.PathLike) -> dict[str, Any]:

@@ -137,17 +137,11 @@ class FaceStore:
         return np.flatnonzero(mask)
 
     def fingerprint(self) -> str:
-        """Identity of the data: the hash of records.csv (faces and labels) from the prepare
-        manifest, and the size of faces.npy. A model's checkpoint keeps it, so evaluating on
-        other data is noticed."""
-        files = self.manifest.get("files", {})
-        digest = (files.get("records.csv") or {}).get("sha256")
-        if digest:
-            faces = (files.get("faces.npy") or {}).get("bytes")
-            return f"records:{digest}/faces:{faces}B"
-        from agecli.rundir import fingerprint_file
+        """Identity of the data (`agecli.rundir.data_fingerprint`). A model's checkpoint keeps
+        it, so evaluating on other data is noticed."""
+        from agecli.rundir import data_fingerprint
 
-        return f"records:{fingerprint_file(self.root / 'records.csv')}"
+        return data_fingerprint(self.manifest, self.root)
 
     def folds(self) -> list[int]:
         return sorted(int(f) for f in set(self.records["fold"].tolist()) if f != -1)

@@ -15,7 +15,7 @@ import pytest
 
 from agecli.errors import AgecliError
 from agecli.recipes import STAGE_KINDS, Recipe, apply_override, load_recipe, needs, parse_recipe, plan, run_recipe
-from agecli.stages.report import seed_groups
+from agecli.stages.report import seed_groups, write_report
 from conftest import build_store, synthetic_faces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -426,14 +426,56 @@ def test_a_bench_that_predates_a_newly_trained_model_is_stale_and_runs_again(tmp
 
     grown = _recipe("train:\n" + entry.format(name="a") + entry.format(name="b") + bench, tmp_path)
     planned = run_recipe(grown, run, dry_run=True)
-    assert [s["action"] for s in planned["steps"]] == ["skip (complete)", "run", "skip (complete)"]
+    assert [s["action"] for s in planned["steps"]] == ["skip (complete)", "run", "rerun (train/b runs first)"]
     run_recipe(grown, run, only=["train/b"])
     planned = run_recipe(grown, run, dry_run=True)
-    assert planned["steps"][-1]["action"] == "rerun (inputs changed)"
+    assert planned["steps"][-1]["action"] == "rerun (models changed since)"
     run_recipe(grown, run)
     second = json.loads((run / "bench" / "manifest.json").read_text())
     assert second["status"] == "complete" and set(second["inputs"]) == {"a", "b"}
     assert run_recipe(grown, run, dry_run=True)["steps"][-1]["action"] == "skip (complete)"
+
+
+@pytest.mark.slow
+def test_a_student_and_an_eval_of_a_retrained_teacher_run_again_and_keep_their_old_results(tmp_path):
+    images, records = synthetic_faces(160, 32)
+    run = build_store(tmp_path / "run", images, records, dataset="synthetic")
+    loop = "    epochs: 1\n    batch_size: 32\n    workers: 0\n    threads: 1\n"
+    text = ("train:\n  - name: a\n    arch: mobilenet_v3_small\n    size: 32\n    encoding: regression\n" + loop +
+            "  - name: b\n    arch: mobilenet_v3_small\n    size: 32\n    encoding: regression\n    seed: 1\n" + loop +
+            "distill:\n  - name: s\n    teachers: ['{run}/train/a/best.pt']\n    student: mobilenet_v3_small\n"
+            "    size: 32\n    encoding: regression\n" + loop +
+            "eval:\n  - name: e\n    model_path: '{run}/distill/s/best.pt'\n"
+            "  - name: ea\n    model_path: '{run}/train/a/best.pt'\n")
+    recipe = _recipe(text, tmp_path)
+    run_recipe(recipe, run)
+    actions = lambda: [s["action"] for s in run_recipe(recipe, run, dry_run=True)["steps"]]  # noqa: E731
+    assert actions() == ["skip (complete)"] * 5
+    reads = json.loads((run / "distill" / "s" / "manifest.json").read_text())["reads"]
+    teacher = str((run / "train" / "a" / "best.pt").resolve())
+    assert teacher in reads and str(run.resolve()) in reads
+
+    # the teacher's file changes under the finished student (another model copied over it)
+    (run / "train" / "a" / "best.pt").write_bytes((run / "train" / "b" / "best.pt").read_bytes())
+    assert actions() == ["skip (complete)", "skip (complete)", "rerun (train/a/best.pt changed since)",
+                         "rerun (distill/s runs first)", "rerun (train/a/best.pt changed since)"]
+    report = write_report(run).read_text()
+    stale = [part.split("\n")[0] for part in report.split("### ")[1:] if "**Out of date:** `train/a/best.pt`" in part]
+    assert stale == ["distill/s", "eval/ea"]   # eval/e read the student, which has not changed yet
+
+    # retrained from scratch: everything that read it runs again, the old results are kept aside
+    old_student = (run / "distill" / "s" / "best.pt").read_bytes()
+    import shutil
+    shutil.rmtree(run / "train" / "a")
+    assert actions() == ["run", "skip (complete)", "rerun (train/a/best.pt gone)", "rerun (distill/s runs first)",
+                         "rerun (train/a/best.pt gone)"]
+    run_recipe(recipe, run)
+    assert (run / "superseded" / "distill" / "s" / "best.pt").read_bytes() == old_student
+    assert (run / "superseded" / "eval" / "e" / "manifest.json").exists()
+    assert not (run / "distill" / "s2").exists() and not (run / "distill" / "s-unfinished").exists()
+    reads = json.loads((run / "distill" / "s" / "manifest.json").read_text())["reads"]
+    assert reads[teacher] == json.loads((run / "train" / "a" / "manifest.json").read_text())["files"]["best.pt"]["sha256"]
+    assert actions() == ["skip (complete)"] * 5
 
 
 # --------------------------------------------------------------------------- signatures

@@ -2,7 +2,10 @@
 steps run in order into one run directory, and what the run records about them.
 
 Each step is skipped when its stage manifest says "complete" (and its options have not
-changed since, per RUN/recipe-state.json), so re-running a recipe resumes it. The recipe
+changed since, per RUN/recipe-state.json), so re-running a recipe resumes it. A finished
+step runs again when what it read has changed since (its manifest's "reads": a retrained
+teacher, re-prepared faces) or when a step it reads from runs before it; its old folder
+moves to RUN/superseded/. The recipe
 as given (plus `--set` overrides) is copied into the run as RUN/recipe.yaml. Steps of one
 section may run as child processes (`jobs`, agecli.recipes.children).
 """
@@ -22,10 +25,11 @@ from agecli.errors import AgecliError
 from agecli.progress import ProgressFn, log
 from agecli.recipes.children import LOGS_DIR, run_in_children
 from agecli.recipes.kinds import STAGE_KINDS
-from agecli.recipes.plan import call_arguments, plan
+from agecli.recipes.plan import call_arguments, needs, plan
 from agecli.recipes.recipe import RECIPE_FILE, Recipe, Step, did_you_mean
 from agecli.recipes.signatures import RUNNER_FILLED, parameters
-from agecli.rundir import json_default, read_json, unique_name, write_json, write_text
+from agecli.rundir import (changed_reads, json_default, read_json, shown_in_run, unique_name, write_json,
+                           write_text)
 
 STATE_FILE = "recipe-state.json"
 NOT_SELECTED = "not selected"
@@ -99,6 +103,8 @@ def _run_here(step: Step, row: dict[str, Any], run: Path, root, progress: Progre
     log(f"[bold]{step.label}[/]: {row['call']}", quiet)
     if row["action"] == "resume":
         _prepare_resume(step, run, quiet)
+    elif row["action"].startswith("rerun"):
+        _set_aside(step, run, quiet)
     func, kwargs = call_arguments(step, run, root, progress)
     started = time.perf_counter()
     result = func(**kwargs)
@@ -118,50 +124,82 @@ def _by_section(pairs: list[tuple[Step, dict[str, Any]]]) -> list[list[tuple[Ste
 
 
 # --------------------------------------------------------------------------- what a run would do
-def step_status(step: Step, run: Path, state: dict[str, Any]) -> str:
-    """complete | changed | stale | partial | new — what a run would do with this step.
+def step_status(step: Step, run: Path, state: dict[str, Any]) -> tuple[str, str]:
+    """(complete | changed | stale | partial | new, why) — what a run would do with this step.
 
-    stale: finished, but what it read has changed since (a bench that predates a model
-    trained after it), so it runs again."""
+    stale: finished, but what it read has changed since (a student whose teacher was
+    retrained, an eval of a model resumed after it, a bench that predates a newer model),
+    so it runs again."""
     stage_dir = step.stage_dir(run)
     if stage_dir is None:
-        return "new"
+        return "new", ""
     manifest = stage_dir / "manifest.json"
     if not manifest.exists():
-        return "new"
+        return "new", ""
     try:
         recorded_manifest = read_json(manifest)
     except AgecliError:
-        return "partial"
+        return "partial", ""
     if recorded_manifest.get("status") != "complete":
-        return "partial"
+        return "partial", ""
     recorded = state.get("steps", {}).get(step.label, {}).get("fingerprint")
     if recorded is not None and recorded != step.fingerprint():
-        return "changed"
+        return "changed", ""
+    changed = changed_reads(recorded_manifest)
+    if changed:
+        gone = [shown_in_run(path, run) for path in changed if not Path(path).exists()]
+        edited = [shown_in_run(path, run) for path in changed if Path(path).exists()]
+        return "stale", "; ".join(f"{', '.join(paths)} {verb}" for verb, paths in
+                                  (("changed since", edited), ("gone", gone)) if paths)
     kind = STAGE_KINDS[step.section]
     if kind.inputs is not None:
         options = {k: v for k, v in step.kwargs.items() if k not in RUNNER_FILLED}
         if kind.inputs_function()(run, **options) != recorded_manifest.get("inputs"):
-            return "stale"
-    return "complete"
+            return "stale", "models changed since"
+    return "complete", ""
 
 
 _ACTIONS = {"complete": "skip (complete)", "partial": "resume", "new": "run",
-            "changed": "refuse (options changed)", "stale": "rerun (inputs changed)"}
+            "changed": "refuse (options changed)", "stale": "rerun"}
+WILL_RUN = ("new", "partial", "stale")
 
 
 def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None = None) -> list[dict[str, Any]]:
-    """One row per step saying what a run would do with it (`selected`: the labels to run, None = all)."""
+    """One row per step saying what a run would do with it (`selected`: the labels to run, None = all).
+
+    A finished step is run again when a step it reads from runs before it in this run
+    (`upstream`): it would otherwise keep results of a model that is about to be replaced."""
     state = read_state(run)
-    rows = []
+    rows, running = [], []
     for step in steps:
         if selected is not None and step.label not in selected:
-            action = NOT_SELECTED
-        else:
-            action = _ACTIONS[step_status(step, run, state)]
-        rows.append({"step": step.label, "call": STAGE_KINDS[step.section].target(), "action": action,
-                     "options": step.kwargs})
+            rows.append(_row(step, NOT_SELECTED))
+            continue
+        status, why = step_status(step, run, state)
+        if status == "complete":
+            before = [other.label for other in upstream(step, steps) if other.label in running]
+            if before:
+                status, why = "stale", f"{', '.join(before)} runs first"
+        if status in WILL_RUN:
+            running.append(step.label)
+        action = _ACTIONS[status] + (f" ({why})" if why else "")
+        rows.append(_row(step, action))
     return rows
+
+
+def _row(step: Step, action: str) -> dict[str, Any]:
+    return {"step": step.label, "call": STAGE_KINDS[step.section].target(), "action": action,
+            "options": step.kwargs}
+
+
+def upstream(step: Step, steps: Sequence[Step]) -> list[Step]:
+    """The steps before `step` whose output it reads: prepare (every stage reads the run's
+    faces) and the steps whose folders its options name."""
+    before = steps[:steps.index(step)]
+    if STAGE_KINDS[step.section].inputs is not None:
+        return list(before)   # bench: every model of the run
+    found = [other for other in before if other.section == "prepare"]
+    return found + [other for other in needs(step, before) if other not in found]
 
 
 def select_steps(steps: list[Step], only: Sequence[str] | None) -> set[str] | None:
@@ -228,6 +266,22 @@ def _prepare_resume(step: Step, run: Path, quiet: bool) -> None:
     aside = stage_dir.parent / unique_name(stage_dir.parent, f"{stage_dir.name}-unfinished")
     stage_dir.rename(aside)
     log(f"  {stage_dir} was unfinished with nothing to resume from; moved to {aside}", quiet)
+
+
+SUPERSEDED_DIR = "superseded"
+
+
+def _set_aside(step: Step, run: Path, quiet: bool) -> None:
+    """A finished named step that runs again (what it read has changed): its folder moves to
+    RUN/superseded/, out of the way of bench and report, so nothing it wrote is lost."""
+    stage_dir = step.stage_dir(run)
+    if not STAGE_KINDS[step.section].many or stage_dir is None or not stage_dir.is_dir():
+        return  # bench re-runs in its own folder
+    parent = run / SUPERSEDED_DIR / stage_dir.parent.relative_to(run)
+    parent.mkdir(parents=True, exist_ok=True)
+    aside = parent / unique_name(parent, stage_dir.name)
+    stage_dir.rename(aside)
+    log(f"  {stage_dir} read what has changed since; its old results moved to {aside}", quiet)
 
 
 def _copy_recipe(recipe: Recipe, run: Path) -> None:

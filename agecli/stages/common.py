@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -191,13 +191,14 @@ def check_resume(run: Path, kind: str, name: str, args: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def open_stage(world: distributed.World, run: Path, kind: str, name: str, args: dict[str, Any],
-               inputs: dict[str, Any]) -> Iterator[Stage | _Unrecorded]:
-    """The stage's manifest (rank 0), or a stand-in that records nothing (other ranks)."""
+               inputs: dict[str, Any], reads: Sequence[str | Path | None] = ()) -> Iterator[Stage | _Unrecorded]:
+    """The stage's manifest (rank 0), or a stand-in that records nothing (other ranks).
+    `reads`: the runs and model files the stage learns from (see `Stage`)."""
     check_resume(run, kind, name, args)
     if not world.main:
         yield _Unrecorded()
         return
-    with Stage(run, kind, name, args=args, inputs=inputs) as stage:
+    with Stage(run, kind, name, args=args, inputs=inputs, reads=reads) as stage:
         yield stage
 
 

@@ -90,7 +90,8 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto",
     run = resolve_run(run)
     Stage(run, "eval", name).check()  # a folder that is not agecli's, or in use: said before predicting
     store = FaceStore.open(run)
-    model, spec = load_checkpoint(resolve_checkpoint(model_path), device)
+    model_file = resolve_checkpoint(model_path)
+    model, spec = load_checkpoint(model_file, device)
     rec = store.records
     has_groups = bool((rec["group"] >= 0).any())
     if not store.has_ages and not has_groups:
@@ -123,7 +124,8 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto",
     bias = breakdown(frame)
     args = {"model": str(model_path), "split": split, "device": device, "batch_size": batch_size}
     with Stage(run, "eval", name, args=args,
-               inputs={"model_fingerprint": spec.data_fingerprint, "arch": spec.arch}) as stage:
+               inputs={"model_fingerprint": spec.data_fingerprint, "arch": spec.arch},
+               reads=[run, model_file]) as stage:
         write_csv(stage.path("predictions.csv"), frame)
         write_csv(stage.path("bias.csv"), bias)
         result = {"model": str(model_path), "run": str(run), "split": split, "arch": spec.arch,

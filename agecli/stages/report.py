@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from agecli.errors import AgecliError
-from agecli.rundir import read_json, resolve_run, write_text
+from agecli.rundir import changed_reads, read_json, resolve_run, shown_in_run, write_text
 from agecli.stages.claims import evaluate_claims, fmt_number, model_config, saved_claims
 
 
@@ -84,6 +84,11 @@ def _stage_section(run: Path, folder: Path, title: str) -> list[str]:
                f"Command: `{manifest.get('command', '')}`\n")
     if manifest.get("error"):
         out.append(f"Error: `{manifest['error']}`\n")
+    changed = changed_reads(manifest) if status == "complete" else []
+    if changed:
+        out.append(f"**Out of date:** {', '.join(f'`{shown_in_run(path, run)}`' for path in changed)} changed or went "
+                   "since this stage read it, so its results describe the old one. Run it again (`agecli run` "
+                   "with its recipe does so by itself).\n")
     results = manifest.get("results") or {}
     if results:
         out.append(md_table(_scalars(results), ["result", "value"]))

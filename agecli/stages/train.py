@@ -60,7 +60,8 @@ def train(run: str | Path | None = None, *, arch: str, name: str | None = None, 
     spec = model_spec("train", store, run, name, arch=arch, encoding=enc, size=size, gender=gender, mean=mean,
                       std=std, fingerprint=store.fingerprint(), args=args, init_info=init_info)
     out_dir = run / "train" / name
-    with open_stage(world, run, "train", name, args, {"prepare": spec.data_fingerprint}) as stage:
+    with open_stage(world, run, "train", name, args, {"prepare": spec.data_fingerprint},
+                    reads=[run, init, pretrained]) as stage:
         results = fit(model, spec, store, train_idx, val_idx, out_dir, options, progress=progress)
         results.update({"run": str(run), "name": name, "dir": str(out_dir), "arch": arch, "input_size": size,
                         "encoding": enc.to_dict(), "parameters": count_parameters(model), "init": init_info,

@@ -79,7 +79,8 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
             "teacher_views": config.teacher_views, "pretrained": pretrained, "init": str(init) if init else None,
             "name": name, "options": options.to_dict()}
     inputs = {"prepare": store_key(store), "teacher": teacher.fingerprint() if teacher else None}
-    with open_stage(world, out_run, "distill", name, args, inputs) as stage:
+    reads = [out_run, unlabelled, *teachers, rank_teacher, init, pretrained]
+    with open_stage(world, out_run, "distill", name, args, inputs, reads=reads) as stage:
         feeds = _Feeds.build(teacher, store, rows, config, options, out_run / "teacher_cache", teacher_device,
                              norm, progress)
         if feeds.cache_record:
