@@ -181,6 +181,30 @@ def test_recipe_runs_copies_itself_skips_completed_and_refuses_changed(tmp_path)
         run_recipe(changed, run)
 
 
+def test_dry_run_catches_what_would_fail_only_when_its_step_runs(tmp_path):
+    run = tmp_path / "run"
+    body = ("prepare: {{dataset: utkface, detector: {detector}}}\ntrain:\n  - {{name: teacher, arch: mobilenet}}\n"
+            "distill:\n  - {{name: s, teachers: ['{teacher}'], student: mobilenet}}\n")
+    good = dict(detector="mtcnn", teacher="{run}/train/teacher/best.pt")
+
+    def dry(**change):
+        return run_recipe(_recipe(body.format(**{**good, **change}), tmp_path), run, tmp_path, dry_run=True)
+
+    assert [s["action"] for s in dry()["steps"]] == ["run", "run", "run"]
+    with pytest.raises(AgecliError, match=r"\[prepare\] detector: 'mtcnnn' is not one of mtcnn, none \(did you mean 'mtcnn'"):
+        dry(detector="mtcnnn")
+    with pytest.raises(AgecliError, match=r"\[distill/s\] teachers: '\{rnu\}/train/teacher/best.pt' has \{rnu\} "
+                                          r"\(did you mean 'run'\?\); a recipe fills in only \{run\}, \{root\}"):
+        dry(teacher="{rnu}/train/teacher/best.pt")
+    with pytest.raises(AgecliError, match=r"\[distill/s\] teachers: .*train/teachr/best.pt is written by no step "
+                                          r"before it and does not exist yet \(did you mean 'train/teacher'\?\)"):
+        dry(teacher="{run}/train/teachr/best.pt")
+    # a teacher trained in the run before (outside this recipe) is fine
+    (run / "train" / "teachr").mkdir(parents=True)
+    (run / "train" / "teachr" / "best.pt").write_bytes(b"x")
+    assert dry(teacher="{run}/train/teachr/best.pt")["steps"][-1]["action"] == "run"
+
+
 def test_cli_dry_run_json_and_error_exit_code(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("# ok\ntrain:\n  - {name: t, arch: mobilenet, epochs: 1}\n")

@@ -36,12 +36,14 @@ def plan(recipe: Recipe, run: str | Path, root: str | Path | None = None) -> lis
         for i, entry in enumerate(entries):
             step = _step(kind, i, entry, section_steps, where)
             _validate(step, params, kind, where, root)
+            _check_placeholders(step, where)
             step.kwargs = _resolve(step.options, run=Path(run), root=root)
             section_steps.append(step)
         _check_order(section_steps, where)
         steps.extend(section_steps)
     if not steps:
         raise AgecliError(f"{where} has no stages; give at least one of {', '.join(STAGE_KINDS)}.")
+    _check_run_paths(steps, Path(run), where)
     return steps
 
 
@@ -169,6 +171,8 @@ def _check_claims(value: Any) -> None:
 # and the report's paper claims (keys, selectors, metric names).
 VALUE_CHECKS: dict[tuple[str, str], Callable[[Any], None]] = {
     ("prepare", "dataset"): _check_name("agecli.data.datasets", "DATASETS"),
+    ("prepare", "detector"): _check_name("agecli.options", "DETECTORS"),
+    ("prepare", "template"): _check_name("agecli.data.faces", "TEMPLATES"),
     ("train", "arch"): _check_arch,
     ("cross_validate", "arch"): _check_arch,
     ("distill", "student"): _check_arch,
@@ -211,6 +215,53 @@ def _resolve(options: dict[str, Any], *, run: Path, root) -> dict[str, Any]:
         return value
 
     return {k: sub(v) for k, v in options.items()}
+
+
+PLACEHOLDERS = ("run", "root")
+
+
+def _check_placeholders(step: Step, where: str) -> None:
+    """A `{rn}` typo would otherwise stay in the path and fail when the step runs, hours in."""
+    for key, value in step.options.items():
+        for text in value if isinstance(value, list) else [value]:
+            unknown = [field for field in re.findall(r"\{([^{}]*)\}", text)
+                       if field not in PLACEHOLDERS] if isinstance(text, str) else []
+            if unknown:
+                raise AgecliError(f"{where}: [{step.label}] {key}: {text!r} has {{{unknown[0]}}}"
+                                  f"{did_you_mean(unknown[0], PLACEHOLDERS)}; a recipe fills in only "
+                                  f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}.")
+
+
+def _check_run_paths(steps: list[Step], run: Path, where: str) -> None:
+    """Each path into the run's stage folders (a teacher's best.pt, an init) must be written by
+    an earlier step of the recipe or exist already; else the step would fail after the ones
+    before it had run."""
+    written: dict[Path, Step] = {}
+    for step in steps:
+        for key, value in step.kwargs.items():
+            for text in value if isinstance(value, list) else [value]:
+                folder = _stage_folder(text, run)
+                if folder is None or folder in written or Path(text).exists():
+                    continue
+                names = [s.label for s in written.values()]
+                raise AgecliError(
+                    f"{where}: [{step.label}] {key}: {text} is written by no step before it and does not exist yet"
+                    f"{did_you_mean(str(folder.relative_to(run)), names)}. "
+                    f"Earlier steps write: {', '.join(names) or 'nothing'}; name one of them, or a file that exists.")
+        if STAGE_KINDS[step.section].many:
+            written[step.stage_dir(run)] = step
+
+
+def _stage_folder(value: Any, run: Path) -> Path | None:
+    """RUN/<stage>/<name> for a path into a named stage's folder (train, distill, eval), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parts = Path(value).relative_to(run).parts
+    except ValueError:
+        return None
+    named = {kind.stage_dir.split("/")[0] for kind in STAGE_KINDS.values() if kind.many}
+    return run / parts[0] / parts[1] if len(parts) >= 2 and parts[0] in named else None
 
 
 # --------------------------------------------------------------------------- the call
