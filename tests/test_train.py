@@ -145,7 +145,7 @@ def test_unlabelled_and_tiny_runs_are_refused(tmp_path):
         train(tmp_path / "noval", arch="resnet9000")
 
 
-def test_init_from_checkpoint_state_dict_and_mismatch(synthetic_run, tmp_path):
+def test_init_from_checkpoint_state_dict_and_mismatch(synthetic_run, tmp_path, capsys):
     # a plain state dict of another architecture: a clear error, not a traceback
     other = tmp_path / "resnet18_state.pt"
     torch.save(build_model("resnet18", build_encoding("regression")).backbone.state_dict(), other)
@@ -157,6 +157,9 @@ def test_init_from_checkpoint_state_dict_and_mismatch(synthetic_run, tmp_path):
     second = train(synthetic_run, arch="mobilenet", size=32, encoding="ldae", init=first["best"],
                    options=TrainOptions(epochs=1, max_batches=2, **FAST))
     assert second["name"] == "mobilenet_v3_small2"
+    said = " ".join(capsys.readouterr().err.split())   # the folder asked for is taken: said before training
+    assert f"{synthetic_run / 'train' / 'mobilenet_v3_small'} already exists; this one goes to" in said
+    assert "--resume continues mobilenet_v3_small" in said
     assert second["init"]["loaded"] > 100 and any(k.startswith("age_head") for k in second["init"]["skipped"])
     # a bare torchvision state dict (keys without "backbone.") is accepted too
     plain = tmp_path / "mobilenet_state.pt"

@@ -30,7 +30,7 @@ from agecli.modeling.backbones import BACKBONES, AgeModel, build_model
 from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, load_state, load_torch_file, save_checkpoint, sniff
 from agecli.modeling.encodings import Encoding
 from agecli.options import TrainOptions
-from agecli.progress import ProgressFn
+from agecli.progress import ProgressFn, log
 from agecli.rundir import Stage, check_name, json_default, unique_name, write_json
 from agecli.store import FaceStore
 
@@ -86,7 +86,11 @@ def output_name(parent: Path, base: str, resume: bool, world: distributed.World)
             raise AgecliError(f"--resume: {parent / base / 'last.pt'} does not exist; nothing to resume "
                               f"(runs here: {runs}).")
         return base
-    return distributed.broadcast(unique_name(parent, base) if world.main else None, world)
+    name = distributed.broadcast(unique_name(parent, base) if world.main else None, world)
+    if name != base and world.main:   # said up front: the folder the user named is not the one written
+        log(f"{parent / base} already exists; this one goes to {parent / name} (--resume continues {base}, "
+            "--name picks another).")
+    return name
 
 
 def seeded_model(arch: str, encoding: Encoding, *, gender: bool, pretrained: str | None, init: str | Path | None,
