@@ -190,6 +190,12 @@ def test_real_adience_sample(tmp_path):
     assert len(missing) == res["missing"]
     store = FaceStore.open(tmp_path / "run")
     assert set(store.records["fold"]) == {0} and store.alignment.method == "similarity"
+    # the 19 faces are few subjects: whichever split they fall in, the others are empty, and prepare says so
+    assert res["splits"] == {"train": 19} and len(res["warnings"]) == 1
+    assert res["warnings"][0].startswith("no face is in the val split ({'train': 19})")
+    carved = prepare("adience", root, tmp_path / "run2", size=64, workers=0, val_fraction=0.3)
+    assert carved["splits"] == {"val": 19} and carved["warnings"][0].startswith("no face is in the train split")
+    assert "--val-fraction (now 0.3" in carved["warnings"][0]
 
 
 def test_prepare_keywords_cli_defaults_and_checks_come_from_prepare_options():

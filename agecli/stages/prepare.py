@@ -108,12 +108,29 @@ def prepare(dataset: str, root: str | os.PathLike, run: str | os.PathLike | None
         results = _results(dataset, plan.root, run, plan.parsed, plan.samples, frame, reject_frame,
                            Counter(plan.parsed.quirks), _duplicate_report(plan.samples, contents),
                            elapsed, reused, _chunk_count(plan), n_workers)
+        results["warnings"] = _split_warnings(results, val_fraction, test_fraction)
         shutil.rmtree(stage.dir / ".work", ignore_errors=True)
         stage.set(dataset=dataset, alignment=plan.alignment.to_dict(),
                   protocol=_protocol(spec, frame, seed, val_fraction, test_fraction),
                   label_space=_label_space(spec), detection=plan.settings)
         stage.complete(results)
         return results
+
+
+def _split_warnings(results: dict[str, Any], val_fraction: float, test_fraction: float) -> list[str]:
+    """An empty train or (labelled) val split, and what to change. Each subject, and each group
+    of identical images, goes to one split, so a few people can all land in one."""
+    splits = results["splits"]
+    labelled = "labels" not in results or "age" in results["labels"]
+    empty = [split for split in ("train", "val") if not splits.get(split) and (split == "train" or labelled)]
+    if not empty:
+        return []
+    need = {"train": "train and distill learn from training faces",
+            "val": "train and distill choose best.pt on validation faces"}
+    return [f"no face is in the {split} split ({splits}): each subject, and each group of identical images, goes "
+            f"to one split, and there are too few of them here. {need[split]}: prepare again with another "
+            f"--val-fraction (now {val_fraction:g}; --test-fraction {test_fraction:g} where the dataset has no "
+            "official test split), another --seed, or more images." for split in empty]
 
 
 @dataclass

@@ -109,6 +109,10 @@ def _summary(results: dict) -> None:
         console.print(f"duplicates: {dup['groups']} groups of identical images ({dup.get('files')} files, each "
                       f"group kept in one split){conflicts}")
     console.print(f"splits: {results.get('splits')}")
+    for warning in results.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
+    if results.get("warnings"):
+        return   # no next step would work
     if "labels" not in results or "age" in results["labels"]:
         console.print(f"next: agecli train --run {results['run']}")
     else:   # nothing to train on: a teacher labels these faces
