@@ -147,6 +147,15 @@ class FaceStore:
         return sorted(int(f) for f in set(self.records["fold"].tolist()) if f != -1)
 
 
+def face_keys(records: pd.DataFrame, rows) -> np.ndarray:
+    """Sorted unique int64 keys of the image contents of `rows` (60 bits of a hash of `content`,
+    itself the sha1 of the image file): what a model records of the faces it learned from, so
+    that scoring it on any of them later is noticed, whatever run or split they were prepared into."""
+    contents = records["content"].to_numpy()[np.asarray(rows, dtype=np.int64)]
+    return np.unique(np.array([int(hashlib.sha1(c.encode()).hexdigest()[:15], 16) for c in contents
+                               if isinstance(c, str) and c], dtype=np.int64))
+
+
 def read_records(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     try:

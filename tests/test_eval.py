@@ -9,11 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from agecli.modeling.checkpoint import ModelSpec, save_checkpoint
+from agecli.modeling.checkpoint import ModelSpec, read_seen_faces, save_checkpoint
 from agecli.modeling.encodings import build_encoding
 from agecli.errors import AgecliError
 from agecli.engine.metrics import age_metrics
+from agecli.options import TrainOptions
+from agecli.stages.bench import bench
+from agecli.stages.distill import distill
 from agecli.stages.evaluate import evaluate
+from agecli.stages.train import train
 from agecli.modeling.backbones import build_model
 from agecli.store import FaceStore
 
@@ -53,6 +57,40 @@ def test_eval_writes_predictions_metrics_and_bias(synthetic_run, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     # --split all: every labelled face
     assert evaluate(model, synthetic_run, "all")["metrics"]["n"] == len(rec)
+
+
+def test_eval_and_distill_say_when_faces_scored_or_hidden_were_learned_from(synthetic_run, tmp_path):
+    """A model records the faces it learned from; the same images prepared with another split
+    put some of them in the test split, and eval counts them."""
+    fast = TrainOptions(epochs=1, batch_size=32, workers=0, threads=1, max_batches=2)
+    trained = train(synthetic_run, arch="mobilenet_v3_small", size=32, encoding="regression", options=fast)
+    store = FaceStore.open(synthetic_run)
+    train_contents = set(store.records.loc[store.records["split"] == "train", "content"])
+    reshuffled = store.records.copy()
+    reshuffled["split"] = np.random.default_rng(7).permutation(reshuffled["split"].to_numpy())
+    other = build_store(tmp_path / "resplit", np.asarray(store.images), reshuffled, dataset="synthetic")
+
+    expected = int(reshuffled.loc[reshuffled["split"] == "test", "content"].isin(train_contents).sum())
+    assert 0 < expected < (reshuffled["split"] == "test").sum()
+    warnings = evaluate(trained["best"], other, "test")["warnings"]
+    assert [w for w in warnings if "learned from" in w] == [
+        f"{expected} of the {(reshuffled['split'] == 'test').sum()} faces scored (test) are faces this model or its "
+        "teachers learned from (the checkpoint records them by image content), so this score is optimistic. Score "
+        "it on faces it never saw: a run prepared from other images, or with the split it was trained on."]
+    assert not [w for w in evaluate(trained["best"], synthetic_run, "test")["warnings"] if "learned from" in w]
+    benched = bench(other, models=[trained["best"]], include_reference=False, backends=["eager"], batch_sizes=[1],
+                    warmup=1, repeats=2, report=False, device="cpu")
+    assert [row["test_seen"] for row in benched["table"]] == [expected]
+
+    # a student taught by it on the re-split run: the teacher saw its test faces and the labels it hides
+    student = distill(other, teachers=[trained["best"]], student="mobilenet_v3_small", size=32,
+                      encoding="regression", options=TrainOptions(**{**fast.to_dict(), "labelled_fraction": 0.5}))
+    leaks = [w for w in student["warnings"] if "learned from" in w]
+    assert len(leaks) == 2 and leaks[0].startswith(f"teacher {trained['best']} learned from {expected} of the run's")
+    assert "--labelled-fraction 0.5 hides from the student" in leaks[1]
+    # and the student's own record holds what it and its teacher learned from
+    seen = read_seen_faces(student["checkpoint"])
+    assert len(seen) == len(set(train_contents) | set(reshuffled.loc[reshuffled["split"] == "train", "content"]))
 
 
 def test_eval_warns_on_alignment_mismatch_and_scores_groups_models(synthetic_run, tmp_path):

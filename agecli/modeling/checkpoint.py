@@ -6,7 +6,9 @@ A checkpoint is one `torch.save`d dict of tensors and plain data (it loads with
     {"format": "agecli.checkpoint", "format_version": 1,
      "spec": ModelSpec as a dict,       # everything needed to rebuild and feed the model
      "state_dict": {...},
-     "training_state": {...}}           # optional: optimizer/scheduler/epoch, for --resume
+     "training_state": {...},           # optional: optimizer/scheduler/epoch, for --resume
+     "seen_faces": int64 tensor}        # optional: keys of the faces it (and its teachers)
+                                        # learned from (agecli.store.face_keys)
 
 `--teacher t.pt`, eval, bench, export and predict need nothing but the file.
 """
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from agecli import FORMAT_VERSION, __version__
@@ -106,7 +109,7 @@ def _whole(value: Any, low: int, high: int) -> bool:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: ModelSpec,
-                    training_state: dict[str, Any] | None = None) -> Path:
+                    training_state: dict[str, Any] | None = None, seen_faces: np.ndarray | None = None) -> Path:
     """Write atomically; unwraps DDP / torch.compile wrappers so the keys stay plain."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
@@ -119,9 +122,20 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Model
     }
     if training_state is not None:
         payload["training_state"] = training_state
+    if seen_faces is not None:
+        payload["seen_faces"] = torch.from_numpy(np.asarray(seen_faces, dtype=np.int64))
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+def read_seen_faces(path: str | os.PathLike) -> np.ndarray | None:
+    """The keys of the faces a checkpoint learned from, or None when it does not say (older
+    files, ONNX models, checkpoints from elsewhere)."""
+    if sniff(Path(path)) != "torch":
+        return None
+    seen = read_checkpoint(path).get("seen_faces")
+    return seen.numpy() if isinstance(seen, torch.Tensor) and seen.dtype == torch.int64 else None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

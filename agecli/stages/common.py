@@ -220,10 +220,12 @@ def predict_rows(model: AgeModel, spec: ModelSpec, store: FaceStore, rows, devic
                          progress=progress)
 
 
-def update_best(out_dir: Path, model: AgeModel, spec: ModelSpec, metrics: dict[str, Any]) -> None:
-    """Add final `metrics` (test scores, ...) to best.pt's spec, so the file tells how good it is."""
+def update_best(out_dir: Path, model: AgeModel, spec: ModelSpec, metrics: dict[str, Any],
+                seen_faces: np.ndarray | None) -> None:
+    """Add final `metrics` (test scores, ...) to best.pt's spec, so the file tells how good it is,
+    and the faces it learned from (`agecli.store.face_keys`), so it tells what it cannot be scored on."""
     spec.metrics = {**spec.metrics, **metrics}
-    save_checkpoint(Path(out_dir) / "best.pt", model, spec)
+    save_checkpoint(Path(out_dir) / "best.pt", model, spec, seen_faces=seen_faces)
 
 
 def write_metrics(out_dir: Path, val: dict[str, Any], test: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from agecli.engine.inference import predict_store
 from agecli.engine.metrics import score
 from agecli.errors import AgecliError
 from agecli.labels import GENDER_NAMES, group_of_age
-from agecli.modeling.checkpoint import load_checkpoint
+from agecli.modeling.checkpoint import load_checkpoint, read_seen_faces
 from agecli.modeling.zoo import resolve_checkpoint
 from agecli.device import require_device
 from agecli.rundir import Stage, check_name, resolve_run, write_csv, write_json
-from agecli.store import SPLITS, FaceStore
+from agecli.store import SPLITS, FaceStore, face_keys
 
 RACE_NAMES = {0: "white", 1: "black", 2: "asian", 3: "indian", 4: "other"}
 
@@ -60,6 +60,19 @@ def alignment_differences(model_alignment: dict[str, Any], run_alignment: dict[s
         if a is not None and b is not None and a != b:
             diffs.append(f"{key}: model {a!r} vs run {b!r}")
     return diffs
+
+
+def _seen_warning(model_file: Path, store: FaceStore, indices: np.ndarray, split: str) -> list[str]:
+    """Faces scored that the model (or its teachers) learned from, as its checkpoint records
+    them: prepared again with another seed or a larger dataset, a run's test split can hold
+    training faces of a model from another run, and its score is then not a held-out one."""
+    seen = read_seen_faces(model_file)
+    count = int(np.isin(face_keys(store.records, indices), seen).sum()) if seen is not None else 0
+    if not count:
+        return []
+    return [f"{count} of the {len(indices)} faces scored ({split}) are faces this model or its teachers learned "
+            "from (the checkpoint records them by image content), so this score is optimistic. Score it on faces "
+            "it never saw: a run prepared from other images, or with the split it was trained on."]
 
 
 def _model_name(model_path) -> str:
@@ -111,6 +124,7 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto",
     if diffs:
         warnings.append(f"the model was trained on faces aligned differently from run {run} ({'; '.join(diffs)}); "
                         "errors may be inflated. Re-prepare the run with the model's alignment for a fair score.")
+    warnings += _seen_warning(model_file, store, indices, split)
     if store.size < spec.input_size:
         warnings.append(f"run {run} stores {store.size}px faces but the model expects {spec.input_size}px; "
                         "faces are upsampled.")

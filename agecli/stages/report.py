@@ -223,7 +223,7 @@ def _seeds_section(run: Path) -> list[str]:
 
 # bench.json row columns the report shows, where any row has a value
 BENCH_COLUMNS = ["model", "role", "backend", "status", "input_size", "params_m", "gflops", "file_mb", "mae", "cs5",
-                 "gender_acc", "mae_vs_reference", "latency_ms", "p95_ms", "throughput", "peak_mem_mb", "mce",
+                 "gender_acc", "mae_vs_reference", "test_seen", "latency_ms", "p95_ms", "throughput", "peak_mem_mb", "mce",
                  "mce_rel", "error"]
 
 

@@ -29,7 +29,7 @@ from agecli.progress import ProgressFn
 from agecli.rundir import Stage, resolve_run, unique_name, write_csv, write_json
 from agecli.stages.common import (input_size, labelled, load_best, model_spec, open_stage, output_name, predict_rows,
                                   require_faces, seeded_model, split_counts, update_best, write_metrics)
-from agecli.store import FaceStore, labelled_subset
+from agecli.store import FaceStore, face_keys, labelled_subset
 
 
 def train(run: str | Path | None = None, *, arch: str, name: str | None = None, size: int | None = None,
@@ -67,7 +67,8 @@ def train(run: str | Path | None = None, *, arch: str, name: str | None = None, 
                         "encoding": enc.to_dict(), "parameters": count_parameters(model), "init": init_info,
                         **counts})
         if world.main:
-            results["test"] = _score_on_test(out_dir, store, test_idx, options, progress)
+            results["test"] = _score_on_test(out_dir, store, test_idx, options, progress,
+                                             seen_faces=face_keys(store.records, train_idx))
             write_metrics(out_dir, results["val"], results["test"])
             stage.complete(results={k: v for k, v in results.items() if k != "init"})
     return results
@@ -99,16 +100,16 @@ def _check_run(store: FaceStore, run: Path, arch: str, gender: bool) -> str:
 
 
 def _score_on_test(out_dir: Path, store: FaceStore, test_idx, options: TrainOptions,
-                   progress: ProgressFn | None) -> dict[str, Any] | None:
-    """best.pt's test metrics (None without a test split), also written into its spec, with the
-    predictions in test_predictions.csv."""
-    if not len(test_idx):
-        return None
+                   progress: ProgressFn | None, seen_faces: np.ndarray) -> dict[str, Any] | None:
+    """best.pt's test metrics (None without a test split), also written into its spec with the
+    faces it learned from, and the predictions in test_predictions.csv."""
     model, spec, device = load_best(out_dir, options)
-    frame = predict_rows(model, spec, store, test_idx, device, options, progress)
-    metrics = score(frame)
-    write_csv(out_dir / "test_predictions.csv", frame)
-    update_best(out_dir, model, spec, {"test": metrics})
+    metrics = None
+    if len(test_idx):
+        frame = predict_rows(model, spec, store, test_idx, device, options, progress)
+        metrics = score(frame)
+        write_csv(out_dir / "test_predictions.csv", frame)
+    update_best(out_dir, model, spec, {"test": metrics} if metrics else {}, seen_faces)
     return metrics
 
 

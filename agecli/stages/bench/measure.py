@@ -165,6 +165,7 @@ def measure_checkpoint(cand: Candidate, setup: BenchSetup, backends, measured: M
     device = setup.device
     model, spec = load_checkpoint(cand.path, device)
     base = _model_columns(cand, model, spec, setup)
+    base.update(_seen_test_faces(cand.path, setup))
     frame = predict_store(model, spec, setup.store, setup.test_idx, device=device)
     measured.frames[cand.name] = frame
     if setup.labelled:
@@ -178,6 +179,17 @@ def measure_checkpoint(cand: Candidate, setup: BenchSetup, backends, measured: M
                        for b in setup.batch_sizes}
     for backend in backends:
         measured.rows.append(_backend_row(base, backend, cand, model, spec, inputs_by_batch, setup))
+
+
+def _seen_test_faces(path, setup: BenchSetup) -> dict[str, int]:
+    """{"test_seen": n} when the checkpoint records learning from n of the test faces (a model
+    from another run, or the default on a UTKFace run): its error is then not a held-out one."""
+    from agecli.modeling.checkpoint import read_seen_faces
+    from agecli.store import face_keys
+
+    seen = read_seen_faces(path)
+    count = int(np.isin(face_keys(setup.store.records, setup.test_idx), seen).sum()) if seen is not None else 0
+    return {"test_seen": count} if count else {}
 
 
 def _model_columns(cand: Candidate, model, spec, setup: BenchSetup) -> dict[str, Any]:

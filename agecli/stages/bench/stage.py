@@ -25,7 +25,7 @@ from agecli.stages.bench.scoring import (ACCURACY_NOTES, AGREEMENT, accuracy_cas
 
 # the columns of results["table"] (the CLI's --json); bench.csv and bench.json keep every column
 TABLE_COLUMNS = ["model", "role", "backend", "status", "input_size", "params_m", "gflops", "file_mb",
-                 "mae", "cs5", "gender_acc", AGREEMENT, "latency_ms", "p95_ms", "throughput", "peak_mem_mb"]
+                 "mae", "cs5", "gender_acc", AGREEMENT, "test_seen", "latency_ms", "p95_ms", "throughput", "peak_mem_mb"]
 
 
 def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None = None, device: str | None = None,

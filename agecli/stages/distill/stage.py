@@ -22,6 +22,7 @@ from agecli.engine.metrics import age_metrics, score
 from agecli.engine.timing import time_call
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import count_parameters, default_normalisation, resolve_arch
+from agecli.modeling.checkpoint import read_seen_faces
 from agecli.modeling.encodings import Encoding, build_encoding
 from agecli.options import DistillOptions, TrainOptions
 from agecli.progress import ProgressFn
@@ -34,7 +35,7 @@ from agecli.stages.distill.ranker import train_rank_teacher
 from agecli.stages.distill.stores import ConcatStore, store_key
 from agecli.stages.distill.student import Student, feature_widths
 from agecli.stages.teachers import Teacher, build_teacher, load_teacher
-from agecli.store import FaceStore, hide_labels
+from agecli.store import FaceStore, face_keys, hide_labels
 
 
 def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), student: str = "mobilenet",
@@ -68,6 +69,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     device = require_device(options.device)
     teacher_device = require_device(config.teacher_device or device)
     teacher, notes = _bound_teacher(teachers, teacher_specs, teacher_weights, teacher_device, config, store)
+    taught, notes = _taught_faces([*teachers, rank_teacher]), notes + _leaks(teachers, store, rows, options)
     base = name or f"{arch}_from_{teacher.name if teacher else 'labels'}".replace("/", "_")
     name = output_name(out_run / "distill", base, options.resume, world)
     out_dir = out_run / "distill" / name
@@ -108,7 +110,8 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                         "teacher": teacher.describe() if teacher else None,
                         **rows.counts(options.labelled_fraction)})
         if world.main:
-            results["metrics"] = _score(out_dir, store, rows, feeds, options, progress)
+            seen = np.union1d(face_keys(store.records, rows.train), taught)
+            results["metrics"] = _score(out_dir, store, rows, feeds, options, progress, seen)
             results["test"] = _write_metrics(out_dir, results["val"], results["metrics"])["test"]
             stage.complete(results={k: v for k, v in results.items() if k not in ("teacher",)})
     return results
@@ -192,6 +195,33 @@ class _Rows:
         labelled_fraction or from --unlabelled); the teacher terms see both."""
         return {"labelled_fraction": labelled_fraction, "labelled_faces": int(len(self.train_labelled)),
                 "unlabelled_faces": int(len(self.train) - len(self.train_labelled))}
+
+
+def _taught_faces(models: Sequence[str | Path | None]) -> np.ndarray:
+    """The faces the teachers learned from, as their checkpoints record them: the student
+    learns from them through the teachers."""
+    seen = [read_seen_faces(m) for m in models if m and Path(m).is_file()]
+    return np.unique(np.concatenate([s for s in seen if s is not None] or [np.zeros(0, np.int64)]))
+
+
+def _leaks(teachers: Sequence[str], store, rows: _Rows, options: TrainOptions) -> list[str]:
+    """Where the teachers learned from faces this student must not: its test faces (its test
+    score would not be held out), or the labels --labelled-fraction hides from it."""
+    notes = []
+    hidden = np.setdiff1d(rows.train, rows.train_labelled) if options.labelled_fraction < 1 else rows.train[:0]
+    for teacher in teachers:
+        seen = read_seen_faces(teacher) if Path(teacher).is_file() else None
+        if seen is None:
+            continue
+        for faces, what in ((rows.test, f"of the run's {len(rows.test)} test faces: the student's test score is "
+                                        "not a held-out one. Use a teacher trained on this run's split"),
+                            (hidden, f"faces whose labels --labelled-fraction {options.labelled_fraction:g} hides "
+                                     "from the student: they reach it through the teacher. Train the teacher "
+                                     "with the same --labelled-fraction for a fair comparison")):
+            count = int(np.isin(face_keys(store.records, faces), seen).sum())
+            if count:
+                notes.append(f"teacher {teacher} learned from {count} {what}.")
+    return notes
 
 
 def _bound_teacher(teachers: list[str], specs, weights, device: str, config: DistillOptions,
@@ -333,7 +363,7 @@ def _recipe(arch: str, size: int, enc: Encoding, config: DistillOptions, loss: D
 
 # --------------------------------------------------------------------------- scoring
 def _score(out_dir: Path, store, rows: _Rows, feeds: _Feeds, options: TrainOptions,
-           progress: ProgressFn | None) -> dict[str, Any]:
+           progress: ProgressFn | None, seen_faces: np.ndarray) -> dict[str, Any]:
     """best.pt next to its teacher on the test split (val when there is none): student and
     teacher metrics, their agreement, speed and size. The student's scores go into best.pt's
     spec too, and the predictions (with the teacher's ages) into <split>_predictions.csv."""
@@ -354,7 +384,7 @@ def _score(out_dir: Path, store, rows: _Rows, feeds: _Feeds, options: TrainOptio
     metrics["speed"] = _speed(model, spec, feeds.teacher, device)
     metrics["student_parameters"] = count_parameters(model)
     update_best(out_dir, model, spec, {eval_split: metrics.get("student"), "teacher": metrics.get("teacher"),
-                                       "agreement_mae": metrics.get("agreement_mae")})
+                                       "agreement_mae": metrics.get("agreement_mae")}, seen_faces)
     return metrics
 
 
