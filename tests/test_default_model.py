@@ -86,6 +86,32 @@ def test_eval_bench_and_distill_take_the_name_default(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
+def test_eval_of_the_default_counts_the_utkface_faces_it_trained_on(tmp_path):
+    """The default records its 13,401 training faces by content. prepare's split of an image
+    depends on the seed, not on which other images are prepared, so 600 faces prepared with
+    the default's seed 0 split as for the default: its train faces all count, its test faces
+    none. With seed 1 about 70 % of any split were the default's training faces."""
+    from conftest import require_utkface
+
+    from agecli.stages.evaluate import evaluate
+    from agecli.stages.prepare import prepare
+
+    root = require_utkface()
+    counts = {}
+    for seed in (0, 1):
+        run = tmp_path / f"seed{seed}"
+        prepare("utkface", root, run, detector="none", size=92, limit=600, seed=seed, workers=0)
+        for split in ("train", "test"):
+            result = evaluate("default", run, split, device="cpu")
+            said = [w for w in result["warnings"] if "faces this model or its teachers learned from" in w]
+            counts[seed, split] = (int(said[0].split()[0]) if said else 0, result["metrics"]["n"])
+    assert counts[0, "train"][0] == counts[0, "train"][1] > 300 and counts[0, "test"][0] == 0
+    for split in ("train", "test"):
+        seen, scored = counts[1, split]
+        assert 0.55 * scored < seen < 0.85 * scored
+
+
 def test_a_wheel_carries_the_model_recipes_and_sample(tmp_path):
     """`pip wheel .` then, from the unpacked wheel and another folder: `agecli run utkface` finds
     its recipe, and `agecli predict` runs the default model on a bundled photo."""
