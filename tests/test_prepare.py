@@ -133,12 +133,19 @@ def test_the_summary_shows_duplicates_and_the_next_step_that_works(tmp_path, cap
     `folder` run was told `next: agecli train`, which refuses it."""
     from agecli.cli.commands.prepare_cmd import _summary
 
-    img = np.random.default_rng(5).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
     (tmp_path / "img").mkdir()
     for name in ("a.jpg", "b.jpg"):
         cv2.imwrite(str(tmp_path / "img" / name), img)
-    (tmp_path / "img" / "labels.csv").write_text("path,age\na.jpg,30\nb.jpg,50\n")
-    _summary(prepare("csv", tmp_path / "img" / "labels.csv", tmp_path / "labelled", detector="none", size=24))
+    others = [f"o{i}.jpg" for i in range(12)]   # enough images for a train and a val split
+    for name in others:
+        cv2.imwrite(str(tmp_path / "img" / name), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    (tmp_path / "img" / "labels.csv").write_text("path,age\na.jpg,30\nb.jpg,50\n" + "".join(f"{n},40\n" for n in others))
+    labelled = prepare("csv", tmp_path / "img" / "labels.csv", tmp_path / "labelled", detector="none", size=24,
+                       val_fraction=0.3, test_fraction=0.0)
+    assert labelled["splits"].get("train") and labelled["splits"].get("val") and labelled["warnings"] == []
+    _summary(labelled)
     out = capsys.readouterr().out
     assert "duplicates: 1 groups of identical images (2 files" in out and "1 with conflicting labels" in out
     assert f"next: agecli train --run {tmp_path / 'labelled'}" in out
