@@ -154,6 +154,20 @@ def test_the_summary_shows_duplicates_and_the_next_step_that_works(tmp_path, cap
     assert f"next: agecli distill --run {tmp_path / 'unlabelled'} --teacher MODEL" in out and "agecli train" not in out
 
 
+def test_a_label_on_a_group_photo_is_said_to_go_to_its_largest_central_face(tmp_path, capsys):
+    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch is not installed")
+    from agecli.cli.commands.prepare_cmd import _summary
+
+    photos = Path(__file__).resolve().parents[1] / "agecli" / "sample" / "photos"
+    shutil.copy(photos / "group1.jpg", tmp_path / "group1.jpg")
+    (tmp_path / "labels.csv").write_text("path,age\ngroup1.jpg,30\n")
+    result = prepare("csv", tmp_path / "labels.csv", tmp_path / "run", size=32, workers=0)
+    assert result["chosen_by"] == {"largest_central": 1}
+    _summary(result)
+    assert ("1 labelled image held several faces with no box to say whose the label is; each label went to the "
+            "largest, most central face") in " ".join(capsys.readouterr().out.split())
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(AgecliError, match="does not exist"):
         prepare("utkface", tmp_path / "missing", tmp_path / "run")

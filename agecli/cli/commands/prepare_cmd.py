@@ -108,6 +108,11 @@ def _summary(results: dict) -> None:
         conflicts = f", {dup['conflicting_labels']} with conflicting labels" if dup.get("conflicting_labels") else ""
         console.print(f"duplicates: {dup['groups']} groups of identical images ({dup.get('files')} files, each "
                       f"group kept in one split){conflicts}")
+    guessed = (results.get("chosen_by") or {}).get("largest_central", 0)
+    if guessed and ("labels" not in results or "age" in results["labels"]):   # a label, but for whom?
+        images = "1 labelled image" if guessed == 1 else f"{guessed} labelled images"
+        console.print(f"{images} held several faces with no box to say whose the label is; each label went to the "
+                      f"largest, most central face (chosen_by in {results['run']}/prepare/records.csv)")
     console.print(f"splits: {results.get('splits')}")
     for warning in results.get("warnings", []):
         console.print(f"[yellow]warning:[/] {warning}")
