@@ -181,6 +181,24 @@ def test_recipe_runs_copies_itself_skips_completed_and_refuses_changed(tmp_path)
         run_recipe(changed, run)
 
 
+@pytest.mark.slow
+def test_cross_validation_on_faces_prepared_again_runs_again_with_its_fold_models_set_aside(tmp_path):
+    images, records = synthetic_faces(160, 32, folds=2)
+    run = build_store(tmp_path / "run", images, records, dataset="synthetic")
+    recipe = _recipe("cross_validate:\n  - name: cv\n    arch: mobilenet_v3_small\n    size: 32\n    encoding: "
+                     "regression\n    epochs: 1\n    batch_size: 32\n    workers: 0\n    threads: 1\n", tmp_path)
+    run_recipe(recipe, run)
+    assert sorted(p.name for p in (run / "train").iterdir()) == ["cv-cv", "cv-fold0", "cv-fold1"]
+    records["age"] = records["age"] + 1          # the labels corrected, the faces prepared again
+    build_store(run, images, records, dataset="synthetic")
+    assert [s["action"] for s in run_recipe(recipe, run, dry_run=True)["steps"]] == [
+        "rerun (the run's faces changed since)"]
+    run_recipe(recipe, run)
+    assert sorted(p.name for p in (run / "train").iterdir()) == ["cv-cv", "cv-fold0", "cv-fold1"]
+    assert sorted(p.name for p in (run / "superseded" / "train").iterdir()) == ["cv-cv", "cv-fold0", "cv-fold1"]
+    assert [s["action"] for s in run_recipe(recipe, run, dry_run=True)["steps"]] == ["skip (complete)"]
+
+
 def test_dry_run_catches_what_would_fail_only_when_its_step_runs(tmp_path):
     run = tmp_path / "run"
     body = ("prepare: {{dataset: utkface, detector: {detector}}}\ntrain:\n  - {{name: teacher, arch: mobilenet}}\n"

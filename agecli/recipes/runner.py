@@ -277,11 +277,14 @@ def _set_aside(step: Step, run: Path, quiet: bool) -> None:
     stage_dir = step.stage_dir(run)
     if not STAGE_KINDS[step.section].many or stage_dir is None or not stage_dir.is_dir():
         return  # bench re-runs in its own folder
-    parent = run / SUPERSEDED_DIR / stage_dir.parent.relative_to(run)
-    parent.mkdir(parents=True, exist_ok=True)
-    aside = parent / unique_name(parent, stage_dir.name)
-    stage_dir.rename(aside)
-    log(f"  {stage_dir} read what has changed since; its old results moved to {aside}", quiet)
+    folds = (read_json(stage_dir / "manifest.json").get("results") or {}).get("folds") or []
+    for folder in [stage_dir] + [stage_dir.parent / f["name"] for f in folds if f.get("name")]:  # cross_validate
+        if folder.is_dir():
+            parent = run / SUPERSEDED_DIR / folder.parent.relative_to(run)
+            parent.mkdir(parents=True, exist_ok=True)
+            aside = parent / unique_name(parent, folder.name)
+            folder.rename(aside)
+            log(f"  {folder} read what has changed since; its old results moved to {aside}", quiet)
 
 
 def _copy_recipe(recipe: Recipe, run: Path) -> None:

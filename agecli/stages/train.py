@@ -142,7 +142,8 @@ def cross_validate(run: str | Path | None = None, *, arch: str, name: str | None
                 summary[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
     if distributed.from_env().main:
         cv_name = unique_name(run / "train", f"{base}-cv")
-        with Stage(run, "train", cv_name, args={"arch": arch, "folds": folds, **{k: str(v) for k, v in kwargs.items()}}) as stage:
+        with Stage(run, "train", cv_name, args={"arch": arch, "folds": folds, **{k: str(v) for k, v in kwargs.items()}},
+                   reads=[run, kwargs.get("init"), kwargs.get("pretrained")]) as stage:
             write_csv(stage.path("folds.csv"), frame)
             write_json(stage.path("cv.json"), summary)
             stage.complete(results=summary)
