@@ -476,6 +476,10 @@ def test_a_bench_that_predates_a_newly_trained_model_is_stale_and_runs_again(tmp
     second = json.loads((run / "bench" / "manifest.json").read_text())
     assert second["status"] == "complete" and set(second["inputs"]) == {"a", "b"}
     assert run_recipe(grown, run, dry_run=True)["steps"][-1]["action"] == "skip (complete)"
+    # a model changed behind the bench's back (another file copied over it): the report says so
+    assert "**Out of date:**" not in write_report(run).read_text()
+    (run / "train" / "a" / "best.pt").write_bytes((run / "train" / "b" / "best.pt").read_bytes())
+    assert "**Out of date:** `a` changed since this bench measured them" in write_report(run).read_text()
 
 
 @pytest.mark.slow

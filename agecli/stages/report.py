@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from agecli.errors import AgecliError
-from agecli.rundir import changed_reads, read_json, resolve_run, shown_in_run, write_text
+from agecli.rundir import changed_reads, identify, read_json, resolve_run, shown_in_run, write_text
 from agecli.stages.claims import evaluate_claims, fmt_number, model_config, saved_claims
 
 
@@ -234,6 +234,10 @@ def _bench_section(run: Path) -> list[str]:
         return lines + ["_not benchmarked yet (`agecli bench`)._\n"]
     data = read_json(bench_json)
     lines.append(_bench_setting(data))
+    changed = _changed_since_bench(run, data.get("rows", []))
+    if changed:
+        lines.append(f"**Out of date:** {', '.join(f'`{m}`' for m in changed)} changed since this bench "
+                     "measured them; `agecli bench --add --models` them (or `agecli run`) to measure them again.\n\n")
     if data.get("accuracy", "labels") != "labels":
         lines.append(f"**No age labels on the test faces.** Accuracy: {data.get('accuracy_note', '')}. "
                      "For the same reason there is no error-by-true-age plot and no robustness table.\n\n")
@@ -254,6 +258,15 @@ def _bench_section(run: Path) -> list[str]:
     else:
         lines.extend(_images(run / "bench", run))
     return lines
+
+
+def _changed_since_bench(run: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The benched models whose file is not the one measured (the bench records each file's hash)."""
+    manifest = run / "bench" / "manifest.json"
+    recorded = (read_json(manifest).get("inputs") or {}) if manifest.exists() else {}
+    paths = {r["model"]: r["path"] for r in rows if r.get("path")}
+    return [model for model, path in paths.items()
+            if model in recorded and Path(path).is_file() and identify(path) != recorded[model]]
 
 
 def _bench_setting(data: dict[str, Any]) -> str:
