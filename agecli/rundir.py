@@ -181,22 +181,22 @@ def identify(path: str | os.PathLike) -> str | None:
     return None
 
 
-def changed_reads(manifest: dict[str, Any]) -> list[str]:
-    """The files and runs a finished stage read (its manifest's "reads") that have changed or
-    gone since: its results are out of date."""
-    return [path for path, identity in (manifest.get("reads") or {}).items() if identify(path) != identity]
+def changed_reads(manifest: dict[str, Any], run: str | os.PathLike) -> list[Path]:
+    """The files and runs a finished stage of `run` read (its manifest's "reads") that have
+    changed or gone since: its results are out of date."""
+    where = [(Path(run) / key if not Path(key).is_absolute() else Path(key), identity)
+             for key, identity in (manifest.get("reads") or {}).items()]
+    return [path for path, identity in where if identify(path) != identity]
 
 
 def shown_in_run(path: str | os.PathLike, run: str | os.PathLike) -> str:
     """A path as messages show it: relative to the run where it is inside it (`train/t1/best.pt`;
     the run folder itself stands for its prepared faces)."""
-    base = Path(run).resolve()
-    if Path(path) == base:
-        return "the run's faces"
     try:
-        return str(Path(path).relative_to(base))
+        inside = Path(path).resolve().relative_to(Path(run).resolve())
     except ValueError:
         return str(path)
+    return str(inside) if inside.parts else "the run's faces"
 
 
 def fingerprint_listing(root: str | os.PathLike, files: list[Path] | None = None) -> str:
@@ -390,7 +390,7 @@ class Stage:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "args": args or {},
             "inputs": inputs or {},
-            "reads": recorded_reads(reads),
+            "reads": recorded_reads(reads, self.run),
             "agecli_version": __version__,
             "format_version": FORMAT_VERSION,
             "environment": environment(),
@@ -501,14 +501,20 @@ class Stage:
         write_json(self.manifest_path, self.manifest)
 
 
-def recorded_reads(paths: Sequence[str | os.PathLike | None]) -> dict[str, str]:
-    """Absolute path -> identity of each model file and run among `paths` (others are left out:
-    a built-in teacher's name, a plain image folder)."""
+def recorded_reads(paths: Sequence[str | os.PathLike | None], run: Path) -> dict[str, str]:
+    """Path -> identity of each model file and run among `paths` (others are left out: a
+    built-in teacher's name, a plain image folder). Paths inside `run` are kept relative to
+    it ("." for the run itself), so a run folder moved or copied elsewhere stays current."""
     out = {}
     for path in paths:
         identity = identify(path) if path else None
         if identity is not None:
-            out[str(Path(path).resolve())] = identity
+            full = Path(path).resolve()
+            try:
+                key = full.relative_to(run.resolve()).as_posix()
+            except ValueError:
+                key = str(full)
+            out[key] = identity
     return out
 
 

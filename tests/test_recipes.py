@@ -498,8 +498,13 @@ def test_a_student_and_an_eval_of_a_retrained_teacher_run_again_and_keep_their_o
     actions = lambda: [s["action"] for s in run_recipe(recipe, run, dry_run=True)["steps"]]  # noqa: E731
     assert actions() == ["skip (complete)"] * 5
     reads = json.loads((run / "distill" / "s" / "manifest.json").read_text())["reads"]
-    teacher = str((run / "train" / "a" / "best.pt").resolve())
-    assert teacher in reads and str(run.resolve()) in reads
+    teacher = "train/a/best.pt"
+    assert set(reads) == {".", teacher}   # inside the run: relative to it
+    # a run folder moved elsewhere is still current
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert [s["action"] for s in run_recipe(recipe, moved, dry_run=True)["steps"]] == ["skip (complete)"] * 5
+    moved.rename(run)
 
     # the teacher's file changes under the finished student (another model copied over it)
     (run / "train" / "a" / "best.pt").write_bytes((run / "train" / "b" / "best.pt").read_bytes())

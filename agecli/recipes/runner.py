@@ -5,9 +5,9 @@ Each step is skipped when its stage manifest says "complete" (and its options ha
 changed since, per RUN/recipe-state.json), so re-running a recipe resumes it. A finished
 step runs again when what it read has changed since (its manifest's "reads": a retrained
 teacher, re-prepared faces) or when a step it reads from runs before it; its old folder
-moves to RUN/superseded/. The recipe
-as given (plus `--set` overrides) is copied into the run as RUN/recipe.yaml. Steps of one
-section may run as child processes (`jobs`, agecli.recipes.children).
+moves to RUN/superseded/. The recipe as given (plus `--set` overrides) is copied into the
+run as RUN/recipe.yaml. Steps of one section may run as child processes (`jobs`,
+agecli.recipes.children).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def step_status(step: Step, run: Path, state: dict[str, Any]) -> tuple[str, str]
     recorded = state.get("steps", {}).get(step.label, {}).get("fingerprint")
     if recorded is not None and recorded != step.fingerprint():
         return "changed", ""
-    changed = changed_reads(recorded_manifest)
+    changed = changed_reads(recorded_manifest, run)
     if changed:
         gone = [shown_in_run(path, run) for path in changed if not Path(path).exists()]
         edited = [shown_in_run(path, run) for path in changed if Path(path).exists()]

@@ -84,7 +84,7 @@ def _stage_section(run: Path, folder: Path, title: str) -> list[str]:
                f"Command: `{manifest.get('command', '')}`\n")
     if manifest.get("error"):
         out.append(f"Error: `{manifest['error']}`\n")
-    changed = changed_reads(manifest) if status == "complete" else []
+    changed = changed_reads(manifest, run) if status == "complete" else []
     if changed:
         out.append(f"**Out of date:** {', '.join(f'`{shown_in_run(path, run)}`' for path in changed)} changed or went "
                    "since this stage read it, so its results describe the old one. Run it again (`agecli run` "
