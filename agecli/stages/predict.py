@@ -65,12 +65,8 @@ def collect_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, 
         if URL.match(text):
             found.append((text, "stream"))
         elif path.is_dir():
-            # folders that predict itself annotated hold drawn-on copies of inputs, not inputs
-            made = {mark.parent for mark in path.rglob(ANNOTATED_MARK)} - {path}
-            for child in sorted(p for p in path.rglob("*") if p.is_file() and not made & set(p.parents)):
+            for child in _folder_files(path):
                 kind = _kind(child)
-                if child.name.startswith("."):   # hidden, or macOS's ._IMG.jpg resource forks: not photos
-                    continue
                 if kind:
                     found.append((child, kind))
                 else:
@@ -88,6 +84,14 @@ def collect_inputs(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, 
                           f"{', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}){others}. Convert the "
                           "images to JPEG or PNG, or give the folder that holds them.")
     return found, skipped
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The files below `folder`, sorted, in one walk: not hidden ones (macOS's ._IMG.jpg resource
+    forks are not photos), and none inside a folder predict annotated (drawn-on copies of inputs)."""
+    every = sorted(folder.rglob("*"))
+    made = {p.parent for p in every if p.name == ANNOTATED_MARK} - {folder}
+    return [p for p in every if p.is_file() and not p.name.startswith(".") and not made & set(p.parents)]
 
 
 def _kind(path: Path) -> str | None:
