@@ -103,9 +103,10 @@ def test_overrides_by_name_index_and_for_every_entry():
 
 
 def test_run_and_cross_references_resolve(tmp_path):
-    recipe = _recipe("train:\n  - {name: a, arch: mobilenet_v3_small, init: '{run}/train/x/best.pt'}\n", tmp_path)
+    recipe = _recipe("train:\n  - {name: x, arch: mobilenet_v3_small}\n"
+                     "  - {name: a, arch: mobilenet_v3_small, init: '{run}/train/x/best.pt'}\n", tmp_path)
     steps = plan(recipe, tmp_path / "myrun")
-    assert steps[0].kwargs["init"] == f"{tmp_path / 'myrun'}/train/x/best.pt"
+    assert steps[1].kwargs["init"] == f"{tmp_path / 'myrun'}/train/x/best.pt"
 
 
 def test_a_recipe_asking_for_a_gpu_index_the_machine_lacks_is_refused_before_anything_runs(tmp_path, monkeypatch):
@@ -391,6 +392,8 @@ def test_a_step_that_reads_a_later_step_of_its_section_is_refused(tmp_path):
     steps = plan(_recipe(ordered, tmp_path), tmp_path / "run")
     assert [s.label for s in needs(steps[1], steps)] == ["train/a"]
     prefix = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1, init: '{run}/train/ab/best.pt'}")
+    (tmp_path / "run" / "train" / "ab").mkdir(parents=True)   # trained before, outside the recipe
+    (tmp_path / "run" / "train" / "ab" / "best.pt").write_bytes(b"")
     steps = plan(_recipe(prefix, tmp_path), tmp_path / "run")
     assert needs(steps[1], steps) == []
 
