@@ -110,6 +110,13 @@ def test_eval_of_the_default_counts_the_utkface_faces_it_trained_on(tmp_path):
     for split in ("train", "test"):
         seen, scored = counts[1, split]
         assert 0.55 * scored < seen < 0.85 * scored
+    # taught by the default by name, a student of the seed-1 run is told its teacher saw its test faces
+    from agecli.options import TrainOptions
+    from agecli.stages.distill import distill
+
+    student = distill(tmp_path / "seed1", teachers=["default"], student="mobilenet_v3_small", size=32,
+                      options=TrainOptions(epochs=1, max_batches=1, batch_size=16, workers=0, threads=1, device="cpu"))
+    assert any(w.startswith(f"teacher default learned from {counts[1, 'test'][0]} of the run's") for w in student["warnings"])
 
 
 def test_a_wheel_carries_the_model_recipes_and_sample(tmp_path):

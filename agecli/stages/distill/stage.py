@@ -23,6 +23,7 @@ from agecli.engine.timing import time_call
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import count_parameters, default_normalisation, resolve_arch
 from agecli.modeling.checkpoint import read_seen_faces
+from agecli.modeling.zoo import resolve_model_ref
 from agecli.modeling.encodings import Encoding, build_encoding
 from agecli.options import DistillOptions, TrainOptions
 from agecli.progress import ProgressFn
@@ -81,7 +82,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
             "teacher_views": config.teacher_views, "pretrained": pretrained, "init": str(init) if init else None,
             "name": name, "options": options.to_dict()}
     inputs = {"prepare": store_key(store), "teacher": teacher.fingerprint() if teacher else None}
-    reads = [out_run, unlabelled, *teachers, rank_teacher, init, pretrained]
+    reads = [out_run, unlabelled, *map(resolve_model_ref, teachers), rank_teacher, init, pretrained]
     with open_stage(world, out_run, "distill", name, args, inputs, reads=reads) as stage:
         feeds = _Feeds.build(teacher, store, rows, config, options, out_run / "teacher_cache", teacher_device,
                              norm, progress)
@@ -200,7 +201,8 @@ class _Rows:
 def _taught_faces(models: Sequence[str | Path | None]) -> np.ndarray:
     """The faces the teachers learned from, as their checkpoints record them: the student
     learns from them through the teachers."""
-    seen = [read_seen_faces(m) for m in models if m and Path(m).is_file()]
+    files = [Path(resolve_model_ref(m)) for m in models if m]
+    seen = [read_seen_faces(f) for f in files if f.is_file()]
     return np.unique(np.concatenate([s for s in seen if s is not None] or [np.zeros(0, np.int64)]))
 
 
@@ -210,7 +212,8 @@ def _leaks(teachers: Sequence[str], store, rows: _Rows, options: TrainOptions) -
     notes = []
     hidden = np.setdiff1d(rows.train, rows.train_labelled) if options.labelled_fraction < 1 else rows.train[:0]
     for teacher in teachers:
-        seen = read_seen_faces(teacher) if Path(teacher).is_file() else None
+        path = Path(resolve_model_ref(teacher))
+        seen = read_seen_faces(path) if path.is_file() else None
         if seen is None:
             continue
         for faces, what in ((rows.test, f"of the run's {len(rows.test)} test faces: the student's test score is "
