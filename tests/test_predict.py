@@ -269,7 +269,7 @@ def test_an_interrupted_video_leaves_no_cut_copy_under_its_name(tmp_path):
         time.sleep(0.2)
     assert proc.poll() is None, "the video was read to its end before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)   # a loaded 2-core machine can take minutes to unwind
     assert proc.returncode == 130, err
     assert "nothing partial was kept" in err
     assert sorted(p.name for p in ann.iterdir()) == [".agecli-annotated"]
