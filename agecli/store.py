@@ -148,12 +148,12 @@ class FaceStore:
 
 
 def face_keys(records: pd.DataFrame, rows) -> np.ndarray:
-    """Sorted unique int64 keys of the image contents of `rows` (60 bits of a hash of `content`,
-    itself the sha1 of the image file): what a model records of the faces it learned from, so
-    that scoring it on any of them later is noticed, whatever run or split they were prepared into."""
+    """One int64 key per row of `rows`: 60 bits of a hash of its `content` (the sha1 of its image
+    file), so identical images share it whatever their path, run or split. A model records the
+    keys of the faces it learned from (`agecli.modeling.checkpoint.Seen`); scoring it on any of
+    them later is then noticed."""
     contents = records["content"].to_numpy()[np.asarray(rows, dtype=np.int64)]
-    return np.unique(np.array([int(hashlib.sha1(c.encode()).hexdigest()[:15], 16) for c in contents
-                               if isinstance(c, str) and c], dtype=np.int64))
+    return np.array([int(hashlib.sha1(str(c).encode()).hexdigest()[:15], 16) for c in contents], dtype=np.int64)
 
 
 def read_records(path: str | os.PathLike) -> pd.DataFrame:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from agecli.modeling.checkpoint import ModelSpec, read_seen_faces, save_checkpoint
+from agecli.modeling.checkpoint import ModelSpec, read_seen, save_checkpoint
 from agecli.modeling.encodings import build_encoding
 from agecli.errors import AgecliError
 from agecli.engine.metrics import age_metrics
@@ -76,7 +77,7 @@ def test_eval_and_distill_say_when_faces_scored_or_hidden_were_learned_from(synt
     assert [w for w in warnings if "learned from" in w] == [
         f"{expected} of the {(reshuffled['split'] == 'test').sum()} faces scored (test) are faces this model or its "
         "teachers learned from (the checkpoint records them by image content), so this score is optimistic. Score "
-        "it on faces it never saw: a run prepared from other images, or with the split it was trained on."]
+        "it on faces it never saw: a run prepared from other images, or with the split (and fold) it was trained on."]
     assert not [w for w in evaluate(trained["best"], synthetic_run, "test")["warnings"] if "learned from" in w]
     benched = bench(other, models=[trained["best"]], include_reference=False, backends=["eager"], batch_sizes=[1],
                     warmup=1, repeats=2, report=False, device="cpu")
@@ -85,12 +86,36 @@ def test_eval_and_distill_say_when_faces_scored_or_hidden_were_learned_from(synt
     # a student taught by it on the re-split run: the teacher saw its test faces and the labels it hides
     student = distill(other, teachers=[trained["best"]], student="mobilenet_v3_small", size=32,
                       encoding="regression", options=TrainOptions(**{**fast.to_dict(), "labelled_fraction": 0.5}))
-    leaks = [w for w in student["warnings"] if "learned from" in w]
+    leaks = [w for w in student["warnings"] if w.startswith("teacher ")]
     assert len(leaks) == 2 and leaks[0].startswith(f"teacher {trained['best']} learned from {expected} of the run's")
-    assert "--labelled-fraction 0.5 hides from the student" in leaks[1]
+    assert leaks[1].startswith(f"teacher {trained['best']} learned the labels of ")
+    assert "whose labels --labelled-fraction hides from the student" in leaks[1]
     # and the student's own record holds what it and its teacher learned from
-    seen = read_seen_faces(student["checkpoint"])
-    assert len(seen) == len(set(train_contents) | set(reshuffled.loc[reshuffled["split"] == "train", "content"]))
+    seen = read_seen(student["checkpoint"])
+    assert len(seen.faces) == len(set(train_contents) | set(reshuffled.loc[reshuffled["split"] == "train", "content"]))
+    last = read_seen(Path(student["checkpoint"]).with_name("last.pt"))   # an interrupted run's files say it too
+    assert np.array_equal(last.faces, seen.faces) and np.array_equal(last.labels, seen.labels)
+    assert len(seen.labels) < len(seen.faces)   # the hidden labels are not among those it learned
+
+
+def test_what_a_model_learned_from_passes_through_students_and_init(synthetic_run):
+    """A student distilled at the teacher's --labelled-fraction saw the hidden faces' images but
+    learned none of their labels, so teaching a third model from it leaks nothing; weights
+    started from another model carry what that model learned from."""
+    half = TrainOptions(epochs=1, batch_size=32, workers=0, threads=1, max_batches=2, labelled_fraction=0.5)
+    teacher = train(synthetic_run, arch="mobilenet_v3_small", size=32, encoding="regression", options=half)
+    first = distill(synthetic_run, teachers=[teacher["best"]], student="mobilenet_v3_small", size=32,
+                    encoding="regression", options=half)
+    second = distill(synthetic_run, teachers=[first["checkpoint"]], student="mobilenet_v3_small", size=32,
+                     encoding="regression", options=half)
+    assert not [w for w in first["warnings"] + second["warnings"] if w.startswith("teacher ")]
+    taught, own = read_seen(first["checkpoint"]), read_seen(teacher["best"])
+    assert len(taught.faces) > len(taught.labels) == len(own.labels)   # every training image; half the labels
+    started = train(synthetic_run, arch="mobilenet_v3_small", size=32, encoding="regression", init=first["checkpoint"],
+                    options=TrainOptions(epochs=1, batch_size=32, workers=0, threads=1, max_batches=2,
+                                         labelled_fraction=0.25))
+    inherited = read_seen(started["best"])
+    assert np.array_equal(inherited.faces, taught.faces) and np.array_equal(inherited.labels, taught.labels)
 
 
 def test_eval_warns_on_alignment_mismatch_and_scores_groups_models(synthetic_run, tmp_path):

@@ -1,12 +1,16 @@
-"""Write into an agecli checkpoint made before checkpoints recorded it which faces it learned
-from: the training split of the run it was trained on, prepared again.
+"""Write into an agecli checkpoint made before checkpoints recorded it what it learned from:
+the training split of the run it was trained on, prepared again.
 
-    python tools/record_seen_faces.py MODEL.pt RUN [--out OUT.pt]
+    python tools/record_seen_faces.py MODEL.pt RUN [--out OUT.pt] [--teachers-trained-on-this-split]
 
 RUN must hold the same prepared faces as the model's training run (the data fingerprints
 must match; `agecli prepare` with the same dataset, options and seed reproduces them). The
-model's training split is taken as what it learned from, which holds for models trained or
-distilled on one run at --labelled-fraction 1 whose teachers were trained on that split.
+run's train split is recorded as the images and the labels it learned from. That holds only
+for a model trained or distilled on one run, without --fold, --init, --unlabelled or a
+--labelled-fraction below 1, and whose teachers were trained on that same split: the first
+are checked from the checkpoint, the last must be confirmed with
+--teachers-trained-on-this-split. A checkpoint that already says what it learned from is
+left alone.
 """
 
 from __future__ import annotations
@@ -17,9 +21,40 @@ from pathlib import Path
 
 import torch
 
-from agecli.modeling.checkpoint import ModelSpec, read_checkpoint
+from agecli.errors import AgecliError
+from agecli.modeling.checkpoint import ModelSpec, Seen, read_checkpoint
 from agecli.rundir import atomic_path
 from agecli.store import FaceStore, face_keys
+
+
+def record(model: Path, run: Path, out: Path | None, teachers_confirmed: bool) -> int:
+    """The number of distinct training images recorded; AgecliError when the assumptions fail."""
+    payload = read_checkpoint(model)
+    if "seen_faces" in payload:
+        raise AgecliError(f"{model} already records what it learned from; it is left as it is.")
+    spec = ModelSpec.from_dict(payload["spec"], str(model))
+    args = spec.provenance.get("args") or {}
+    options = args.get("options") or {}
+    unusual = {"--fold": args.get("fold"), "--init": args.get("init"), "--unlabelled": args.get("unlabelled"),
+               "--labelled-fraction": options.get("labelled_fraction", 1.0) if options.get("labelled_fraction", 1.0) < 1
+               else None}
+    used = [f"{flag} {value}" for flag, value in unusual.items() if value is not None]
+    if used:
+        raise AgecliError(f"{model} was trained with {', '.join(used)}: it did not learn from exactly its run's "
+                          "train split, so this tool cannot say what it learned from.")
+    if spec.provenance.get("teachers") and not teachers_confirmed:
+        raise AgecliError(f"{model} was distilled from teachers; what they learned from is recorded only if they were "
+                          "trained on this same split. Confirm with --teachers-trained-on-this-split.")
+    store = FaceStore.open(run)
+    if spec.data_fingerprint != store.fingerprint():
+        raise AgecliError(f"{run} holds other faces than {model} was trained on ({store.fingerprint()} vs "
+                          f"{spec.data_fingerprint}); prepare it as the model's run was.")
+    keys = face_keys(store.records, store.indices("train"))
+    seen = Seen.of(keys, keys)
+    payload["seen_faces"], payload["seen_labels"] = torch.from_numpy(seen.faces), torch.from_numpy(seen.labels)
+    with atomic_path(out or model) as tmp:
+        torch.save(payload, tmp)
+    return len(seen.faces)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,23 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, help="where to write (default: over MODEL)")
+    parser.add_argument("--teachers-trained-on-this-split", action="store_true",
+                        help="the model's teachers were trained on RUN's train split too")
     args = parser.parse_args(argv)
-    payload = read_checkpoint(args.model)
-    spec = ModelSpec.from_dict(payload["spec"], str(args.model))
-    store = FaceStore.open(args.run)
-    if spec.data_fingerprint != store.fingerprint():
-        print(f"{args.run} holds other faces than {args.model} was trained on "
-              f"({store.fingerprint()} vs {spec.data_fingerprint}); prepare it as the model's run was.", file=sys.stderr)
+    try:
+        count = record(args.model, args.run, args.out, args.teachers_trained_on_this_split)
+    except AgecliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    fraction = (spec.provenance.get("args") or {}).get("options", {}).get("labelled_fraction", 1.0)
-    if fraction != 1.0 or (spec.provenance.get("args") or {}).get("unlabelled"):
-        print(f"{args.model} learned from more or other faces than its run's train split; not written.", file=sys.stderr)
-        return 1
-    keys = face_keys(store.records, store.indices("train"))
-    payload["seen_faces"] = torch.from_numpy(keys)
-    with atomic_path(args.out or args.model) as tmp:
-        torch.save(payload, tmp)
-    print(f"{args.out or args.model}: {len(keys)} faces recorded as learned from")
+    print(f"{args.out or args.model}: {count} distinct training images recorded as learned from")
     return 0
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from agecli.errors import AgecliError
-from agecli.modeling.checkpoint import ModelSpec, load_state, read_checkpoint, save_checkpoint
+from agecli.modeling.checkpoint import ModelSpec, Seen, load_state, read_checkpoint, save_checkpoint
 from agecli.options import TrainOptions
 from agecli.rundir import atomic_path, write_csv
 
@@ -59,8 +59,9 @@ class Checkpointer:
     and each epoch's wall seconds (the time budget's evidence)."""
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, spec: ModelSpec, options: TrainOptions,
-                 extra: dict[str, Stateful] | None = None, monitor: Monitor | None = None):
+                 extra: dict[str, Stateful] | None = None, monitor: Monitor | None = None, seen: Seen | None = None):
         self.out_dir, self.model, self.spec, self.options = Path(out_dir), model, spec, options
+        self.seen = seen   # written into best.pt and last.pt alike
         self.extra = dict(extra or {})
         self.monitor = monitor or Monitor()
         self.best_path, self.last_path = self.out_dir / "best.pt", self.out_dir / "last.pt"
@@ -95,13 +96,13 @@ class Checkpointer:
         `loop_state`: the optimiser, scheduler, scaler and random-number states."""
         if improved:
             self.spec.metrics = {"split": "val", "epoch": epoch, **metrics}
-            save_checkpoint(self.best_path, self.model, self.spec)
+            save_checkpoint(self.best_path, self.model, self.spec, seen=self.seen)
         state = {"epoch": epoch, **loop_state, "history": self.history, "best_value": self.best_value,
                  "best_epoch": self.best_epoch, "stale": self.stale, "best_metrics": self.spec.metrics,
                  "options": self.options.to_dict(), "walls": self.walls}
         state.update({key: obj.state_dict() for key, obj in self.extra.items()})
         last_spec = replace(self.spec, metrics={"split": "val", "epoch": epoch, **metrics})
-        save_checkpoint(self.last_path, self.model, last_spec, training_state=state)
+        save_checkpoint(self.last_path, self.model, last_spec, training_state=state, seen=self.seen)
         write_csv(self.out_dir / "history.csv", pd.DataFrame(self.history))
         plot_history(self.history, self.out_dir / "learning_curve.png", self.monitor.key)
 

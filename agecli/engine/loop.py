@@ -36,7 +36,7 @@ from agecli.engine.inference import predict_store
 from agecli.engine.metrics import score
 from agecli.engine.optim import TimeBudget, make_optimizer, make_scheduler
 from agecli.errors import AgecliError
-from agecli.modeling.checkpoint import ModelSpec
+from agecli.modeling.checkpoint import ModelSpec, Seen
 from agecli.modeling.encodings import Encoding
 from agecli.options import TrainOptions
 from agecli.progress import ProgressFn
@@ -261,7 +261,7 @@ class _Run:
 def fit(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, train_idx, val_idx, out_dir: Path,
         options: TrainOptions, loss_fn: LossFn | None = None, progress: ProgressFn | None = None, *,
         make_input: InputFn | None = None, extra_state: dict[str, Stateful] | None = None,
-        validate_fn: ValidateFn = validate, monitor: Monitor | None = None) -> dict[str, Any]:
+        validate_fn: ValidateFn = validate, monitor: Monitor | None = None, seen: Seen | None = None) -> dict[str, Any]:
     """Train `model` on store rows `train_idx`, validating on `val_idx` every epoch.
 
     `loss_fn` (default: the encoding's loss, plus gender where the spec has a head) gets the
@@ -275,7 +275,8 @@ def fit(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, train_idx, va
 
     Writes into out_dir (rank 0 only): history.csv, learning_curve.png, best.pt (best
     monitored value; `spec.metrics` holds its val metrics) and last.pt (with the training
-    state, so `options.resume` continues exactly). Returns a results dict.
+    state, so `options.resume` continues exactly); both carry `seen`, what the model learned
+    from (`Seen`). Returns a results dict.
     """
     world, device = distributed.setup(require_device(options.device))
     if options.threads:
@@ -294,7 +295,7 @@ def fit(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, train_idx, va
         model = model.to(memory_format=torch.channels_last)
     step = _stepper(model, options, on_cuda, steps)
     budget = TimeBudget(options.time_limit, step.scheduler.lr_lambdas[0], steps)
-    checkpointer = Checkpointer(out_dir, model, spec, options, extra_state, monitor)
+    checkpointer = Checkpointer(out_dir, model, spec, options, extra_state, monitor, seen)
     start_epoch = 1
     if options.resume and checkpointer.last_path.exists():
         start_epoch = _resume(checkpointer, step, generator) + 1

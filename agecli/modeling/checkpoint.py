@@ -7,8 +7,8 @@ A checkpoint is one `torch.save`d dict of tensors and plain data (it loads with
      "spec": ModelSpec as a dict,       # everything needed to rebuild and feed the model
      "state_dict": {...},
      "training_state": {...},           # optional: optimizer/scheduler/epoch, for --resume
-     "seen_faces": int64 tensor}        # optional: keys of the faces it (and its teachers)
-                                        # learned from (agecli.store.face_keys)
+     "seen_faces": int64 tensor,        # optional (`Seen`): keys of the images it learned from,
+     "seen_labels": int64 tensor}       # and of those whose labels it learned (agecli.store.face_keys)
 
 `--teacher t.pt`, eval, bench, export and predict need nothing but the file.
 """
@@ -108,8 +108,31 @@ def _whole(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What a model learned from, by image content (`agecli.store.face_keys`): `faces`, every
+    image it saw (its training faces, and its teachers' and initial weights' faces), and
+    `labels`, those whose labels it learned. Scoring it on any of `faces` is not a held-out
+    score; a student whose labels are hidden should not get them through `labels`."""
+
+    faces: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, faces, labels) -> "Seen":
+        return cls(np.unique(np.asarray(faces, dtype=np.int64)), np.unique(np.asarray(labels, dtype=np.int64)))
+
+    def union(self, *others: "Seen | None") -> "Seen":
+        known = [self, *(o for o in others if o is not None)]
+        return Seen.of(np.concatenate([k.faces for k in known]), np.concatenate([k.labels for k in known]))
+
+    def count(self, keys: np.ndarray, labels: bool = False) -> int:
+        """How many of `keys` (one per face) are among the images seen (or whose labels were)."""
+        return int(np.isin(keys, self.labels if labels else self.faces).sum())
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: ModelSpec,
-                    training_state: dict[str, Any] | None = None, seen_faces: np.ndarray | None = None) -> Path:
+                    training_state: dict[str, Any] | None = None, seen: Seen | None = None) -> Path:
     """Write atomically; unwraps DDP / torch.compile wrappers so the keys stay plain."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
@@ -122,20 +145,26 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Model
     }
     if training_state is not None:
         payload["training_state"] = training_state
-    if seen_faces is not None:
-        payload["seen_faces"] = torch.from_numpy(np.asarray(seen_faces, dtype=np.int64))
+    if seen is not None:
+        payload["seen_faces"], payload["seen_labels"] = torch.from_numpy(seen.faces), torch.from_numpy(seen.labels)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
 
-def read_seen_faces(path: str | os.PathLike) -> np.ndarray | None:
-    """The keys of the faces a checkpoint learned from, or None when it does not say (older
-    files, ONNX models, checkpoints from elsewhere)."""
-    if sniff(Path(path)) != "torch":
+def read_seen(path: str | os.PathLike | None) -> Seen | None:
+    """What a checkpoint learned from, or None when it does not say (older files, ONNX models,
+    names such as dlib-age, checkpoints from elsewhere)."""
+    if path is None or not Path(path).is_file() or sniff(Path(path)) != "torch":
         return None
-    seen = read_checkpoint(path).get("seen_faces")
-    return seen.numpy() if isinstance(seen, torch.Tensor) and seen.dtype == torch.int64 else None
+    try:
+        payload = read_checkpoint(path)
+    except AgecliError:   # a plain state dict (an --init from elsewhere): it does not say
+        return None
+    faces, labels = payload.get("seen_faces"), payload.get("seen_labels", payload.get("seen_faces"))
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 for t in (faces, labels)):
+        return None
+    return Seen(faces.numpy(), labels.numpy())
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -27,12 +27,14 @@ from agecli.engine import distributed
 from agecli.engine.inference import predict_store
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import BACKBONES, AgeModel, build_model
-from agecli.modeling.checkpoint import ModelSpec, load_checkpoint, load_state, load_torch_file, save_checkpoint, sniff
+from agecli.modeling.checkpoint import (ModelSpec, Seen, load_checkpoint, load_state, load_torch_file, read_seen,
+                                       save_checkpoint, sniff)
 from agecli.modeling.encodings import Encoding
+from agecli.modeling.zoo import resolve_model_ref
 from agecli.options import TrainOptions
 from agecli.progress import ProgressFn, log
 from agecli.rundir import Stage, check_name, json_default, unique_name, write_json
-from agecli.store import FaceStore
+from agecli.store import FaceStore, face_keys
 
 MIN_TRAIN_FACES = 16  # fewer training faces than this is a mistake, not an experiment
 MIN_INPUT_SIZE = 16   # smaller inputs leave the backbones' strided stages nothing to see
@@ -220,12 +222,18 @@ def predict_rows(model: AgeModel, spec: ModelSpec, store: FaceStore, rows, devic
                          progress=progress)
 
 
-def update_best(out_dir: Path, model: AgeModel, spec: ModelSpec, metrics: dict[str, Any],
-                seen_faces: np.ndarray | None) -> None:
-    """Add final `metrics` (test scores, ...) to best.pt's spec, so the file tells how good it is,
-    and the faces it learned from (`agecli.store.face_keys`), so it tells what it cannot be scored on."""
+def update_best(out_dir: Path, model: AgeModel, spec: ModelSpec, metrics: dict[str, Any], seen: Seen | None) -> None:
+    """Add final `metrics` (test scores, ...) to best.pt's spec, so the file tells how good it is;
+    `seen` (what it learned from) stays with it."""
     spec.metrics = {**spec.metrics, **metrics}
-    save_checkpoint(Path(out_dir) / "best.pt", model, spec, seen_faces=seen_faces)
+    save_checkpoint(Path(out_dir) / "best.pt", model, spec, seen=seen)
+
+
+def learned_from(store, image_rows, label_rows, *models: str | Path | None) -> Seen:
+    """What a model trained on `store` learns from: the images of `image_rows`, the labels of
+    `label_rows`, and all that `models` (its teachers, its initial weights) learned from."""
+    seen = Seen.of(face_keys(store.records, image_rows), face_keys(store.records, label_rows))
+    return seen.union(*(read_seen(resolve_model_ref(m)) for m in models if m))
 
 
 def write_metrics(out_dir: Path, val: dict[str, Any], test: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:

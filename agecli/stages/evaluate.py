@@ -19,7 +19,7 @@ from agecli.engine.inference import predict_store
 from agecli.engine.metrics import score
 from agecli.errors import AgecliError
 from agecli.labels import GENDER_NAMES, group_of_age
-from agecli.modeling.checkpoint import load_checkpoint, read_seen_faces
+from agecli.modeling.checkpoint import load_checkpoint, read_seen
 from agecli.modeling.zoo import resolve_checkpoint
 from agecli.device import require_device
 from agecli.rundir import Stage, check_name, resolve_run, write_csv, write_json
@@ -66,13 +66,13 @@ def _seen_warning(model_file: Path, store: FaceStore, indices: np.ndarray, split
     """Faces scored that the model (or its teachers) learned from, as its checkpoint records
     them: prepared again with another seed or a larger dataset, a run's test split can hold
     training faces of a model from another run, and its score is then not a held-out one."""
-    seen = read_seen_faces(model_file)
-    count = int(np.isin(face_keys(store.records, indices), seen).sum()) if seen is not None else 0
+    seen = read_seen(model_file)
+    count = seen.count(face_keys(store.records, indices)) if seen is not None else 0
     if not count:
         return []
     return [f"{count} of the {len(indices)} faces scored ({split}) are faces this model or its teachers learned "
             "from (the checkpoint records them by image content), so this score is optimistic. Score it on faces "
-            "it never saw: a run prepared from other images, or with the split it was trained on."]
+            "it never saw: a run prepared from other images, or with the split (and fold) it was trained on."]
 
 
 def _model_name(model_path) -> str:

@@ -23,13 +23,14 @@ from agecli.engine.loop import fit
 from agecli.engine.metrics import score
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import count_parameters, default_normalisation, resolve_arch
+from agecli.modeling.checkpoint import Seen
 from agecli.modeling.encodings import build_encoding
 from agecli.options import TrainOptions
 from agecli.progress import ProgressFn
 from agecli.rundir import Stage, resolve_run, unique_name, write_csv, write_json
-from agecli.stages.common import (input_size, labelled, load_best, model_spec, open_stage, output_name, predict_rows,
-                                  require_faces, seeded_model, split_counts, update_best, write_metrics)
-from agecli.store import FaceStore, face_keys, labelled_subset
+from agecli.stages.common import (input_size, labelled, learned_from, load_best, model_spec, open_stage, output_name,
+                                  predict_rows, require_faces, seeded_model, split_counts, update_best, write_metrics)
+from agecli.store import FaceStore, labelled_subset
 
 
 def train(run: str | Path | None = None, *, arch: str, name: str | None = None, size: int | None = None,
@@ -62,13 +63,13 @@ def train(run: str | Path | None = None, *, arch: str, name: str | None = None, 
     out_dir = run / "train" / name
     with open_stage(world, run, "train", name, args, {"prepare": spec.data_fingerprint},
                     reads=[run, init, pretrained]) as stage:
-        results = fit(model, spec, store, train_idx, val_idx, out_dir, options, progress=progress)
+        seen = learned_from(store, train_idx, train_idx, init)
+        results = fit(model, spec, store, train_idx, val_idx, out_dir, options, progress=progress, seen=seen)
         results.update({"run": str(run), "name": name, "dir": str(out_dir), "arch": arch, "input_size": size,
                         "encoding": enc.to_dict(), "parameters": count_parameters(model), "init": init_info,
                         **counts})
         if world.main:
-            results["test"] = _score_on_test(out_dir, store, test_idx, options, progress,
-                                             seen_faces=face_keys(store.records, train_idx))
+            results["test"] = _score_on_test(out_dir, store, test_idx, options, progress, seen)
             write_metrics(out_dir, results["val"], results["test"])
             stage.complete(results={k: v for k, v in results.items() if k != "init"})
     return results
@@ -100,7 +101,7 @@ def _check_run(store: FaceStore, run: Path, arch: str, gender: bool) -> str:
 
 
 def _score_on_test(out_dir: Path, store: FaceStore, test_idx, options: TrainOptions,
-                   progress: ProgressFn | None, seen_faces: np.ndarray) -> dict[str, Any] | None:
+                   progress: ProgressFn | None, seen: Seen) -> dict[str, Any] | None:
     """best.pt's test metrics (None without a test split), also written into its spec with the
     faces it learned from, and the predictions in test_predictions.csv."""
     model, spec, device = load_best(out_dir, options)
@@ -109,7 +110,7 @@ def _score_on_test(out_dir: Path, store: FaceStore, test_idx, options: TrainOpti
         frame = predict_rows(model, spec, store, test_idx, device, options, progress)
         metrics = score(frame)
         write_csv(out_dir / "test_predictions.csv", frame)
-    update_best(out_dir, model, spec, {"test": metrics} if metrics else {}, seen_faces)
+    update_best(out_dir, model, spec, {"test": metrics} if metrics else {}, seen)
     return metrics
 
 

@@ -84,10 +84,6 @@ def _print_notes(results: dict, console) -> None:
     for model, s in results.get("robustness", {}).items():
         console.print(f"  {model}: clean MAE {s['clean_mae']:.2f}, mCE {s['mce']:.2f} "
                       f"({s['mce_relative']:.2f}x clean) on {s['faces']} corrupted test faces", highlight=False)
-    for model, seen in dict.fromkeys((r["model"], r["test_seen"]) for r in results.get("table", [])
-                                     if r.get("test_seen")):
-        console.print(f"  [yellow]warning:[/] {model} learned from {seen} of the test faces (its checkpoint records "
-                      "them); its error here is not a held-out one", highlight=False)
     if results.get("measured_now") == []:
         console.print(f"nothing to add: {results['run']}/bench holds every model already (name some with --models "
                       "to measure them again)", highlight=False)
@@ -189,6 +185,17 @@ def bench_command(
         emit_json({key: results[key] for key in JSON_KEYS})
     elif not quiet:
         print_table(results)
+    _warn_seen(results)
+
+
+def _warn_seen(results: dict) -> None:
+    """Models scored on faces they learned from: said on stderr whatever --quiet or --json."""
+    from agecli.progress import log
+
+    for model, seen in dict.fromkeys((r["model"], r["test_seen"]) for r in results.get("table", [])
+                                     if r.get("test_seen")):
+        log(f"[yellow]warning:[/] {model} learned from {seen} of the {results.get('test_faces')} test faces (its "
+            "checkpoint records them); its error here is not a held-out one")
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:

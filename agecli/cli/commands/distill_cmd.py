@@ -91,7 +91,7 @@ def distill_cmd(teacher: Teachers = [], student: StudentArch = "mobilenet", run:
         emit_json(result)
         return
     for note in result.get("warnings", []):
-        log(f"[yellow]warning:[/] {note}", quiet)
+        log(f"[yellow]warning:[/] {note}")   # --quiet drops the progress bar, not warnings
     _print(result)
 
 

@@ -184,11 +184,11 @@ def measure_checkpoint(cand: Candidate, setup: BenchSetup, backends, measured: M
 def _seen_test_faces(path, setup: BenchSetup) -> dict[str, int]:
     """{"test_seen": n} when the checkpoint records learning from n of the test faces (a model
     from another run, or the default on a UTKFace run): its error is then not a held-out one."""
-    from agecli.modeling.checkpoint import read_seen_faces
+    from agecli.modeling.checkpoint import read_seen
     from agecli.store import face_keys
 
-    seen = read_seen_faces(path)
-    count = int(np.isin(face_keys(setup.store.records, setup.test_idx), seen).sum()) if seen is not None else 0
+    seen = read_seen(path)
+    count = seen.count(face_keys(setup.store.records, setup.test_idx)) if seen is not None else 0
     return {"test_seen": count} if count else {}
 
 

@@ -22,20 +22,20 @@ from agecli.engine.metrics import age_metrics, score
 from agecli.engine.timing import time_call
 from agecli.errors import AgecliError
 from agecli.modeling.backbones import count_parameters, default_normalisation, resolve_arch
-from agecli.modeling.checkpoint import read_seen_faces
+from agecli.modeling.checkpoint import Seen, read_seen
 from agecli.modeling.zoo import resolve_model_ref
 from agecli.modeling.encodings import Encoding, build_encoding
 from agecli.options import DistillOptions, TrainOptions
 from agecli.progress import ProgressFn
 from agecli.rundir import resolve_run, write_csv, write_json
-from agecli.stages.common import (input_size, labelled, load_best, model_spec, open_stage, output_name, predict_rows,
-                                  require_faces, seeded_model, update_best, write_metrics)
+from agecli.stages.common import (input_size, labelled, learned_from, load_best, model_spec, open_stage, output_name,
+                                  predict_rows, require_faces, seeded_model, update_best, write_metrics)
 from agecli.stages.distill.feeds import CropForTeacher, LiveTeacher, TeacherTable, TeacherViews, teacher_on
 from agecli.stages.distill.losses import DistillLoss, TeacherFeed, build_loss
 from agecli.stages.distill.ranker import train_rank_teacher
 from agecli.stages.distill.stores import ConcatStore, store_key
 from agecli.stages.distill.student import Student, feature_widths
-from agecli.stages.teachers import Teacher, build_teacher, load_teacher
+from agecli.stages.teachers import Teacher, build_teacher, load_teacher, sidecar_files
 from agecli.store import FaceStore, face_keys, hide_labels
 
 
@@ -70,7 +70,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     device = require_device(options.device)
     teacher_device = require_device(config.teacher_device or device)
     teacher, notes = _bound_teacher(teachers, teacher_specs, teacher_weights, teacher_device, config, store)
-    taught, notes = _taught_faces([*teachers, rank_teacher]), notes + _leaks(teachers, store, rows, options)
+    notes += _leaks([*teachers, rank_teacher], store, rows, options.labelled_fraction)
     base = name or f"{arch}_from_{teacher.name if teacher else 'labels'}".replace("/", "_")
     name = output_name(out_run / "distill", base, options.resume, world)
     out_dir = out_run / "distill" / name
@@ -82,7 +82,9 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
             "teacher_views": config.teacher_views, "pretrained": pretrained, "init": str(init) if init else None,
             "name": name, "options": options.to_dict()}
     inputs = {"prepare": store_key(store), "teacher": teacher.fingerprint() if teacher else None}
-    reads = [out_run, unlabelled, *map(resolve_model_ref, teachers), rank_teacher, init, pretrained]
+    models = [Path(resolve_model_ref(m)) for m in [*teachers, rank_teacher, init] if m]
+    spec_files = [f for m in models if m.suffix.lower() == ".onnx" for f in sidecar_files(m)]   # how it is fed
+    reads = [out_run, unlabelled, *models, *spec_files, pretrained]
     with open_stage(world, out_run, "distill", name, args, inputs, reads=reads) as stage:
         feeds = _Feeds.build(teacher, store, rows, config, options, out_run / "teacher_cache", teacher_device,
                              norm, progress)
@@ -102,16 +104,16 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                           teachers=teacher.describe() if teacher else None, rank_teacher=feeds.rank_info)
         if world.main:
             write_json(out_dir / "recipe.json", _recipe(arch, size, enc, config, loss, feeds, notes))
+        seen = learned_from(store, rows.train, rows.train_labelled, *teachers, rank_teacher, init)
         results = fit(Student(model, loss, layer=config.student_layer), spec, store, rows.train, rows.val, out_dir,
                       student_options, loss_fn=loss, progress=progress, make_input=feeds.make_input,
-                      extra_state={"loss_state": loss})
+                      extra_state={"loss_state": loss}, seen=seen)
         results.update({"run": str(out_run), "name": name, "dir": str(out_dir), "student": arch, "input_size": size,
                         "methods": list(config.method), "formula": loss.formula(),
                         "checkpoint": str(out_dir / "best.pt"), "warnings": notes,
                         "teacher": teacher.describe() if teacher else None,
                         **rows.counts(options.labelled_fraction)})
         if world.main:
-            seen = np.union1d(face_keys(store.records, rows.train), taught)
             results["metrics"] = _score(out_dir, store, rows, feeds, options, progress, seen)
             results["test"] = _write_metrics(out_dir, results["val"], results["metrics"])["test"]
             stage.complete(results={k: v for k, v in results.items() if k not in ("teacher",)})
@@ -198,32 +200,26 @@ class _Rows:
                 "unlabelled_faces": int(len(self.train) - len(self.train_labelled))}
 
 
-def _taught_faces(models: Sequence[str | Path | None]) -> np.ndarray:
-    """The faces the teachers learned from, as their checkpoints record them: the student
-    learns from them through the teachers."""
-    files = [Path(resolve_model_ref(m)) for m in models if m]
-    seen = [read_seen_faces(f) for f in files if f.is_file()]
-    return np.unique(np.concatenate([s for s in seen if s is not None] or [np.zeros(0, np.int64)]))
-
-
-def _leaks(teachers: Sequence[str], store, rows: _Rows, options: TrainOptions) -> list[str]:
-    """Where the teachers learned from faces this student must not: its test faces (its test
-    score would not be held out), or the labels --labelled-fraction hides from it."""
+def _leaks(teachers: Sequence[str | Path | None], store, rows: _Rows, labelled_fraction: float) -> list[str]:
+    """Where a teacher (or the ranking teacher) learned from what this student must not: its
+    test faces (its test score would not be held out), or the labels --labelled-fraction hides
+    from it (they reach it through the teacher). An image the student has a label for anyway (a
+    duplicate of a labelled one) is no leak."""
+    hidden = np.setdiff1d(rows.train, rows.train_labelled) if labelled_fraction < 1 else rows.train[:0]
+    hidden_keys = np.setdiff1d(face_keys(store.records, hidden), face_keys(store.records, rows.train_labelled))
     notes = []
-    hidden = np.setdiff1d(rows.train, rows.train_labelled) if options.labelled_fraction < 1 else rows.train[:0]
     for teacher in teachers:
-        path = Path(resolve_model_ref(teacher))
-        seen = read_seen_faces(path) if path.is_file() else None
+        seen = read_seen(resolve_model_ref(teacher)) if teacher else None
         if seen is None:
             continue
-        for faces, what in ((rows.test, f"of the run's {len(rows.test)} test faces: the student's test score is "
-                                        "not a held-out one. Use a teacher trained on this run's split"),
-                            (hidden, f"faces whose labels --labelled-fraction {options.labelled_fraction:g} hides "
-                                     "from the student: they reach it through the teacher. Train the teacher "
-                                     "with the same --labelled-fraction for a fair comparison")):
-            count = int(np.isin(face_keys(store.records, faces), seen).sum())
-            if count:
-                notes.append(f"teacher {teacher} learned from {count} {what}.")
+        tested, told = seen.count(face_keys(store.records, rows.test)), seen.count(hidden_keys, labels=True)
+        if tested:
+            notes.append(f"teacher {teacher} learned from {tested} of the run's {len(rows.test)} test faces: the "
+                         "student's test score is not a held-out one. Use a teacher trained on this run's split.")
+        if told:
+            notes.append(f"teacher {teacher} learned the labels of {told} faces whose labels --labelled-fraction "
+                         "hides from the student: they reach it through the teacher. Train the teacher with the same "
+                         "--labelled-fraction for a fair comparison.")
     return notes
 
 
@@ -366,7 +362,7 @@ def _recipe(arch: str, size: int, enc: Encoding, config: DistillOptions, loss: D
 
 # --------------------------------------------------------------------------- scoring
 def _score(out_dir: Path, store, rows: _Rows, feeds: _Feeds, options: TrainOptions,
-           progress: ProgressFn | None, seen_faces: np.ndarray) -> dict[str, Any]:
+           progress: ProgressFn | None, seen: Seen) -> dict[str, Any]:
     """best.pt next to its teacher on the test split (val when there is none): student and
     teacher metrics, their agreement, speed and size. The student's scores go into best.pt's
     spec too, and the predictions (with the teacher's ages) into <split>_predictions.csv."""
@@ -387,7 +383,7 @@ def _score(out_dir: Path, store, rows: _Rows, feeds: _Feeds, options: TrainOptio
     metrics["speed"] = _speed(model, spec, feeds.teacher, device)
     metrics["student_parameters"] = count_parameters(model)
     update_best(out_dir, model, spec, {eval_split: metrics.get("student"), "teacher": metrics.get("teacher"),
-                                       "agreement_mae": metrics.get("agreement_mae")}, seen_faces)
+                                       "agreement_mae": metrics.get("agreement_mae")}, seen)
     return metrics
 
 

@@ -32,9 +32,9 @@ from agecli.stages.teachers.builtin import BUILTIN_TEACHERS, dlib_age, dlib_age_
 from agecli.stages.teachers.checkpoint import CheckpointTeacher
 from agecli.stages.teachers.ensemble import Ensemble
 from agecli.stages.teachers.factory import build_teacher, load_teacher
-from agecli.stages.teachers.onnx import OnnxSpec, OnnxTeacher, sidecar_spec
+from agecli.stages.teachers.onnx import OnnxSpec, OnnxTeacher, sidecar_files, sidecar_spec
 from agecli.stages.teachers.predict import predict_teacher
 
 __all__ = ["BUILTIN_TEACHERS", "CheckpointTeacher", "Ensemble", "OnnxSpec", "OnnxTeacher", "Teacher",
            "TeacherOutput", "build_teacher", "dlib_age", "dlib_age_path", "dlib_age_spec", "load_teacher",
-           "predict_teacher", "sidecar_spec", "soften"]
+           "predict_teacher", "sidecar_files", "sidecar_spec", "soften"]

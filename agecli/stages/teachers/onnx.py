@@ -150,9 +150,14 @@ def eval_fraction(text: str) -> float:
     return float(text)
 
 
+def sidecar_files(path: Path) -> list[Path]:
+    """Where an ONNX model's spec may be written beside it: `model.json`, `model.onnx.json`."""
+    return [path.with_suffix(".json"), path.with_name(path.name + ".json")]
+
+
 def sidecar_spec(path: Path) -> dict[str, Any] | None:
     """The spec written as JSON next to an ONNX model (`model.json` or `model.onnx.json`), if any."""
-    for candidate in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
+    for candidate in sidecar_files(path):
         if candidate.exists():
             try:
                 return json.loads(candidate.read_text())
