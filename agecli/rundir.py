@@ -181,12 +181,22 @@ def identify(path: str | os.PathLike) -> str | None:
     return None
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+IN_PACKAGE = "agecli:"   # a read of a file agecli ships (the default model): found in this installation
+
+
 def changed_reads(manifest: dict[str, Any], run: str | os.PathLike) -> list[Path]:
     """The files and runs a finished stage of `run` read (its manifest's "reads") that have
     changed or gone since: its results are out of date."""
-    where = [(Path(run) / key if not Path(key).is_absolute() else Path(key), identity)
-             for key, identity in (manifest.get("reads") or {}).items()]
-    return [path for path, identity in where if identify(path) != identity]
+    return [path for path, identity in ((_read_path(key, run), identity)
+                                        for key, identity in (manifest.get("reads") or {}).items())
+            if identify(path) != identity]
+
+
+def _read_path(key: str, run: str | os.PathLike) -> Path:
+    if key.startswith(IN_PACKAGE):
+        return PACKAGE_DIR / key[len(IN_PACKAGE):]
+    return Path(key) if Path(key).is_absolute() else Path(run) / key
 
 
 def shown_in_run(path: str | os.PathLike, run: str | os.PathLike) -> str:
@@ -504,18 +514,21 @@ class Stage:
 def recorded_reads(paths: Sequence[str | os.PathLike | None], run: Path) -> dict[str, str]:
     """Path -> identity of each model file and run among `paths` (others are left out: a
     built-in teacher's name, a plain image folder). Paths inside `run` are kept relative to
-    it ("." for the run itself), so a run folder moved or copied elsewhere stays current."""
+    it ("." for the run itself), so a run folder moved or copied elsewhere stays current, and
+    files agecli ships relative to the package, so another installation is compared by content."""
     out = {}
     for path in paths:
         identity = identify(path) if path else None
         if identity is not None:
-            full = Path(path).resolve()
-            try:
-                key = full.relative_to(run.resolve()).as_posix()
-            except ValueError:
-                key = str(full)
-            out[key] = identity
+            out[_read_key(Path(path).resolve(), run.resolve())] = identity
     return out
+
+
+def _read_key(path: Path, run: Path) -> str:
+    for base, prefix in ((run, ""), (PACKAGE_DIR, IN_PACKAGE)):
+        if base in path.parents or path == base:
+            return prefix + path.relative_to(base).as_posix()
+    return str(path)
 
 
 def read_manifest(stage_dir: str | os.PathLike) -> dict[str, Any]:

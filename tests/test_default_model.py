@@ -3,6 +3,7 @@ model is accepted, and a wheel that carries it with the recipes and the sample."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,6 +107,8 @@ def test_eval_of_the_default_counts_the_utkface_faces_it_trained_on(tmp_path):
             result = evaluate("default", run, split, device="cpu")
             said = [w for w in result["warnings"] if "faces this model or its teachers learned from" in w]
             counts[seed, split] = (int(said[0].split()[0]) if said else 0, result["metrics"]["n"])
+    reads = json.loads((run / "eval" / "default" / "manifest.json").read_text())["reads"]
+    assert "agecli:weights/default.pt" in reads   # by its place in the package: another installation compares
     assert counts[0, "train"][0] == counts[0, "train"][1] > 300 and counts[0, "test"][0] == 0
     for split in ("train", "test"):
         seen, scored = counts[1, split]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -198,6 +199,42 @@ def test_cross_validation_on_faces_prepared_again_runs_again_with_its_fold_model
     assert sorted(p.name for p in (run / "train").iterdir()) == ["cv-cv", "cv-fold0", "cv-fold1"]
     assert sorted(p.name for p in (run / "superseded" / "train").iterdir()) == ["cv-cv", "cv-fold0", "cv-fold1"]
     assert [s["action"] for s in run_recipe(recipe, run, dry_run=True)["steps"]] == ["skip (complete)"]
+
+
+@pytest.mark.slow
+def test_leftover_folders_live_writers_and_gone_inputs(tmp_path):
+    """An empty step folder left by a killed start is reclaimed (not NAME2); a folder another
+    process is writing is never moved; a finished step whose input is gone, with nothing run
+    before it to write it again, is refused before anything moves."""
+    import platform
+
+    images, records = synthetic_faces(120, 32)
+    run = build_store(tmp_path / "run", images, records, dataset="synthetic")
+    recipe = _recipe("train:\n  - {name: a, arch: mobilenet_v3_small, size: 32, encoding: regression, epochs: 1, "
+                     "batch_size: 32, workers: 0, threads: 1, max_batches: 2}\n"
+                     "eval:\n  - {name: ea, model_path: '{run}/train/a/best.pt'}\n", tmp_path)
+    (run / "train" / "a").mkdir(parents=True)
+    (run / "train" / "a" / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": platform.node()}))
+    run_recipe(recipe, run)
+    assert sorted(p.name for p in (run / "train").iterdir()) == ["a"]
+
+    shutil.rmtree(run / "train" / "a")
+    with pytest.raises(AgecliError, match=r"eval/ea \(train/a/best.pt gone, and no step run before it writes it\)"):
+        run_recipe(recipe, run, only=["eval/ea"], dry_run=True)
+    with pytest.raises(AgecliError, match="no step run before it writes it"):
+        run_recipe(recipe, run, only=["eval/ea"])
+    assert json.loads((run / "eval" / "ea" / "manifest.json").read_text())["status"] == "complete"
+    assert not (run / "superseded").exists()
+
+    # train/a started by another, live process (this test's parent): left to it
+    (run / "train" / "a").mkdir()
+    (run / "train" / "a" / "manifest.json").write_text(json.dumps({"stage": "train", "format_version": 1,
+                                                                  "status": "running"}))
+    (run / "train" / "a" / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": platform.node(),
+                                                          "command": "agecli train"}))
+    with pytest.raises(AgecliError, match="is being written by another agecli"):
+        run_recipe(recipe, run, only=["train/a"])
+    assert (run / "train" / "a" / ".lock").exists() and not (run / "train" / "a-unfinished").exists()
 
 
 def test_dry_run_catches_what_would_fail_only_when_its_step_runs(tmp_path):
@@ -481,8 +518,11 @@ def test_a_bench_that_predates_a_newly_trained_model_is_stale_and_runs_again(tmp
     assert run_recipe(grown, run, dry_run=True)["steps"][-1]["action"] == "skip (complete)"
     # a model changed behind the bench's back (another file copied over it): the report says so
     assert "**Out of date:**" not in write_report(run).read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
     (run / "train" / "a" / "best.pt").write_bytes((run / "train" / "b" / "best.pt").read_bytes())
     assert "**Out of date:** `a` changed since this bench measured them" in write_report(run).read_text()
+    assert "**Out of date:**" not in write_report(copy).read_text()   # the copy's models are its own
 
 
 @pytest.mark.slow
@@ -519,7 +559,6 @@ def test_a_student_and_an_eval_of_a_retrained_teacher_run_again_and_keep_their_o
 
     # retrained from scratch: everything that read it runs again, the old results are kept aside
     old_student = (run / "distill" / "s" / "best.pt").read_bytes()
-    import shutil
     shutil.rmtree(run / "train" / "a")
     assert actions() == ["run", "skip (complete)", "rerun (train/a/best.pt gone)", "rerun (distill/s runs first)",
                          "rerun (train/a/best.pt gone)"]

@@ -38,6 +38,7 @@ def plan(recipe: Recipe, run: str | Path, root: str | Path | None = None) -> lis
             _validate(step, params, kind, where, root)
             _check_placeholders(step, where)
             step.kwargs = _resolve(step.options, run=Path(run), root=root)
+            _check_resolved(step, where)
             section_steps.append(step)
         _check_order(section_steps, where)
         steps.extend(section_steps)
@@ -230,6 +231,18 @@ def _check_placeholders(step: Step, where: str) -> None:
                 raise AgecliError(f"{where}: [{step.label}] {key}: {text!r} has {{{unknown[0]}}}"
                                   f"{did_you_mean(unknown[0], PLACEHOLDERS)}; a recipe fills in only "
                                   f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}.")
+
+
+def _check_resolved(step: Step, where: str) -> None:
+    """A brace left after {run} and {root} are filled in is a typo (`{run/x`, `{{run}}`) or a
+    {root} without --root; either would fail only when the step runs."""
+    for key, value in step.kwargs.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and ("{" in text or "}" in text):
+                hint = ("pass --root DATA" if "{root}" in text else
+                        "write {run} or {root} with one brace on each side")
+                raise AgecliError(f"{where}: [{step.label}] {key}: {text!r} still holds a brace once placeholders "
+                                  f"are filled in; {hint}.")
 
 
 def _check_run_paths(steps: list[Step], run: Path, where: str) -> None:

@@ -28,8 +28,8 @@ from agecli.recipes.kinds import STAGE_KINDS
 from agecli.recipes.plan import call_arguments, needs, plan
 from agecli.recipes.recipe import RECIPE_FILE, Recipe, Step, did_you_mean
 from agecli.recipes.signatures import RUNNER_FILLED, parameters
-from agecli.rundir import (changed_reads, json_default, read_json, shown_in_run, unique_name, write_json,
-                           write_text)
+from agecli.rundir import (LOCK_NAME, StageLock, changed_reads, json_default, read_json, shown_in_run, unique_name,
+                           write_json, write_text)
 
 STATE_FILE = "recipe-state.json"
 NOT_SELECTED = "not selected"
@@ -55,11 +55,15 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
         raise AgecliError(f"--root {root} does not exist; point it at the dataset folder.")
     steps = plan(recipe, run, root)
     rows = describe_plan(steps, run, root, select_steps(steps, only))
-    refused = [r["step"] for r in rows if r["action"].startswith("refuse")]
-    if refused:
+    changed = [r["step"] for r in rows if r["action"] == _ACTIONS["changed"]]
+    if changed:
         raise AgecliError(
-            f"run {run}: step(s) {', '.join(refused)} already completed with different options than this "
+            f"run {run}: step(s) {', '.join(changed)} already completed with different options than this "
             f"recipe gives them. Use a new --run DIR, or delete those stage folders to redo them.")
+    missing = [f"{r['step']} ({r['action'][len('refuse ('):-1]})" for r in rows if r["action"].startswith("refuse (")]
+    if missing:
+        raise AgecliError(f"run {run}: {'; '.join(missing)}. Run the step that writes it too (--step), put it back, "
+                          "or delete the finished step's folder to redo it without.")
     out: dict[str, Any] = {"run": str(run), "recipe": str(recipe.path) if recipe.path else None,
                            "root": str(root) if root is not None else None, "dry_run": dry_run, "steps": rows}
     if dry_run:
@@ -105,6 +109,8 @@ def _run_here(step: Step, row: dict[str, Any], run: Path, root, progress: Progre
         _prepare_resume(step, run, quiet)
     elif row["action"].startswith("rerun"):
         _set_aside(step, run, quiet)
+    elif row["action"] == "run":
+        _reclaim_empty(step, run)
     func, kwargs = call_arguments(step, run, root, progress)
     started = time.perf_counter()
     result = func(**kwargs)
@@ -160,7 +166,7 @@ def step_status(step: Step, run: Path, state: dict[str, Any]) -> tuple[str, str]
 
 
 _ACTIONS = {"complete": "skip (complete)", "partial": "resume", "new": "run",
-            "changed": "refuse (options changed)", "stale": "rerun"}
+            "changed": "refuse (options changed)", "stale": "rerun", "missing": "refuse"}
 WILL_RUN = ("new", "partial", "stale")
 
 
@@ -176,6 +182,11 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
             rows.append(_row(step, NOT_SELECTED))
             continue
         status, why = step_status(step, run, state)
+        missing = [shown_in_run(path, run) for path in _gone(step, run)
+                   if not any(_inside(path, other.stage_dir(run)) for other in upstream(step, steps)
+                              if other.label in running)]
+        if status == "stale" and missing:
+            status, why = "missing", f"{', '.join(missing)} gone, and no step run before it writes it"
         if status == "complete":
             before = [other.label for other in upstream(step, steps) if other.label in running]
             if before:
@@ -185,6 +196,21 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
         action = _ACTIONS[status] + (f" ({why})" if why else "")
         rows.append(_row(step, action))
     return rows
+
+
+def _gone(step: Step, run: Path) -> list[Path]:
+    """What a finished step read that no longer exists."""
+    manifest = step.stage_dir(run) / "manifest.json" if step.stage_dir(run) is not None else None
+    if manifest is None or not manifest.is_file():
+        return []
+    try:
+        return [path for path in changed_reads(read_json(manifest), run) if not path.exists()]
+    except AgecliError:
+        return []
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and folder.resolve() in path.resolve().parents
 
 
 def _row(step: Step, action: str) -> dict[str, Any]:
@@ -258,6 +284,7 @@ def _prepare_resume(step: Step, run: Path, quiet: bool) -> None:
     stage_dir = step.stage_dir(run)
     if not kind.many or stage_dir is None:
         return  # prepare / bench resume by themselves
+    StageLock(stage_dir).check()   # another process writing it: neither resumed nor moved under it
     params = parameters(kind.function())
     if (stage_dir / "last.pt").exists() and "resume" in params:
         step.kwargs["resume"] = True
@@ -278,13 +305,28 @@ def _set_aside(step: Step, run: Path, quiet: bool) -> None:
     if not STAGE_KINDS[step.section].many or stage_dir is None or not stage_dir.is_dir():
         return  # bench re-runs in its own folder
     folds = (read_json(stage_dir / "manifest.json").get("results") or {}).get("folds") or []
-    for folder in [stage_dir] + [stage_dir.parent / f["name"] for f in folds if f.get("name")]:  # cross_validate
-        if folder.is_dir():
-            parent = run / SUPERSEDED_DIR / folder.parent.relative_to(run)
-            parent.mkdir(parents=True, exist_ok=True)
-            aside = parent / unique_name(parent, folder.name)
-            folder.rename(aside)
-            log(f"  {folder} read what has changed since; its old results moved to {aside}", quiet)
+    folders = [f for f in [stage_dir] + [stage_dir.parent / f["name"] for f in folds if f.get("name")] if f.is_dir()]
+    for folder in folders:   # cross_validate: its fold models too
+        StageLock(folder).check()
+    for folder in folders:
+        parent = run / SUPERSEDED_DIR / folder.parent.relative_to(run)
+        parent.mkdir(parents=True, exist_ok=True)
+        aside = parent / unique_name(parent, folder.name)
+        folder.rename(aside)
+        log(f"  {folder} runs again; its old results moved to {aside}", quiet)
+
+
+def _reclaim_empty(step: Step, run: Path) -> None:
+    """A step's folder left empty (or holding only a dead process's lock) by a run killed as it
+    started: removed, so the step writes under its own name rather than NAME2, NAME3, ..."""
+    stage_dir = step.stage_dir(run)
+    if stage_dir is None or not STAGE_KINDS[step.section].many or not stage_dir.is_dir():
+        return
+    StageLock(stage_dir).check()
+    if all(p.name.startswith(LOCK_NAME) for p in stage_dir.iterdir()):
+        for lock in stage_dir.iterdir():
+            lock.unlink()
+        stage_dir.rmdir()
 
 
 def _copy_recipe(recipe: Recipe, run: Path) -> None:

@@ -234,7 +234,7 @@ def _bench_section(run: Path) -> list[str]:
         return lines + ["_not benchmarked yet (`agecli bench`)._\n"]
     data = read_json(bench_json)
     lines.append(_bench_setting(data))
-    changed = _changed_since_bench(run, data.get("rows", []))
+    changed = _changed_since_bench(run, data)
     if changed:
         lines.append(f"**Out of date:** {', '.join(f'`{m}`' for m in changed)} changed since this bench "
                      "measured them; `agecli bench --add --models` them (or `agecli run`) to measure them again.\n\n")
@@ -260,13 +260,24 @@ def _bench_section(run: Path) -> list[str]:
     return lines
 
 
-def _changed_since_bench(run: Path, rows: list[dict[str, Any]]) -> list[str]:
-    """The benched models whose file is not the one measured (the bench records each file's hash)."""
+def _changed_since_bench(run: Path, data: dict[str, Any]) -> list[str]:
+    """The benched models whose file is not the one measured (the bench records each file's hash).
+    A model inside the benched run is looked for inside this run, wherever it now is."""
     manifest = run / "bench" / "manifest.json"
     recorded = (read_json(manifest).get("inputs") or {}) if manifest.exists() else {}
-    paths = {r["model"]: r["path"] for r in rows if r.get("path")}
-    return [model for model, path in paths.items()
-            if model in recorded and Path(path).is_file() and identify(path) != recorded[model]]
+    benched_run = Path(data.get("run") or run)
+    changed = []
+    for row in data.get("rows", []):
+        path = Path(row.get("path") or "")
+        if row.get("model") not in recorded or not row.get("path") or row["model"] in changed:
+            continue
+        try:
+            path = run / path.relative_to(benched_run)
+        except ValueError:
+            pass
+        if path.is_file() and identify(path) != recorded[row["model"]]:
+            changed.append(row["model"])
+    return changed
 
 
 def _bench_setting(data: dict[str, Any]) -> str:
