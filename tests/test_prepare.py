@@ -164,8 +164,8 @@ def test_a_label_on_a_group_photo_is_said_to_go_to_its_largest_central_face(tmp_
     result = prepare("csv", tmp_path / "labels.csv", tmp_path / "run", size=32, workers=0)
     assert result["chosen_by"] == {"largest_central": 1}
     _summary(result)
-    assert ("1 labelled image held several faces with no box to say whose the label is; each label went to the "
-            "largest, most central face") in " ".join(capsys.readouterr().out.split())
+    assert ("1 label went to the largest, most central of several faces in its image (no box said whose it is"
+            in " ".join(capsys.readouterr().out.split()))
 
 
 def test_bad_arguments(tmp_path):

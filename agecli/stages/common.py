@@ -57,7 +57,8 @@ def split_counts(store: FaceStore) -> str:
 def require_faces(count: int, run: Path, store: FaceStore, what: str = "labelled training faces") -> None:
     if count < MIN_TRAIN_FACES:
         raise AgecliError(f"run {run} has only {count} {what} (at least {MIN_TRAIN_FACES} needed; labelled "
-                          f"faces per split: {split_counts(store)}). Prepare more faces (drop --limit).")
+                          f"faces per split: {split_counts(store)}). Prepare more faces"
+                          f"{' (drop --limit)' if (store.manifest.get('args') or {}).get('limit') else ''}.")
 
 
 def input_size(size: int | None, store: FaceStore, arch: str) -> int:

@@ -127,10 +127,11 @@ def _split_warnings(results: dict[str, Any], val_fraction: float, test_fraction:
         return []
     need = {"train": "train and distill learn from training faces",
             "val": "train and distill choose best.pt on validation faces"}
-    return [f"no face is in the {split} split ({splits}): each subject, and each group of identical images, goes "
-            f"to one split, and there are too few of them here. {need[split]}: prepare again with another "
-            f"--val-fraction (now {val_fraction:g}; --test-fraction {test_fraction:g} where the dataset has no "
-            "official test split), another --seed, or more images." for split in empty]
+    return [f"no face is in the {' or '.join(empty)} split ({splits}): each subject, and each group of identical "
+            f"images, goes to one split, and there are too few of them here. {'; '.join(need[s] for s in empty)}: "
+            f"prepare again with another --val-fraction (now {val_fraction:g}; --test-fraction {test_fraction:g} "
+            "where the dataset has no official test split), another --seed, or more images (one person's images "
+            "alone can never be split)."]
 
 
 @dataclass

@@ -110,9 +110,9 @@ def _summary(results: dict) -> None:
                       f"group kept in one split){conflicts}")
     guessed = (results.get("chosen_by") or {}).get("largest_central", 0)
     if guessed and ("labels" not in results or "age" in results["labels"]):   # a label, but for whom?
-        images = "1 labelled image" if guessed == 1 else f"{guessed} labelled images"
-        console.print(f"{images} held several faces with no box to say whose the label is; each label went to the "
-                      f"largest, most central face (chosen_by in {results['run']}/prepare/records.csv)")
+        labels = "1 label" if guessed == 1 else f"{guessed} labels"
+        console.print(f"{labels} went to the largest, most central of several faces in its image (no box said whose "
+                      f"it is; chosen_by in {results['run']}/prepare/records.csv)")
     console.print(f"splits: {results.get('splits')}")
     for warning in results.get("warnings", []):
         console.print(f"[yellow]warning:[/] {warning}")
