@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from agecli.errors import AgecliError
-from agecli.rundir import require_stage
+from agecli.rundir import data_fingerprint, require_stage
 
 RECORD_COLUMNS = [
     "path",       # source image, relative to the dataset root
@@ -139,8 +139,6 @@ class FaceStore:
     def fingerprint(self) -> str:
         """Identity of the data (`agecli.rundir.data_fingerprint`). A model's checkpoint keeps
         it, so evaluating on other data is noticed."""
-        from agecli.rundir import data_fingerprint
-
         return data_fingerprint(self.manifest, self.root)
 
     def folds(self) -> list[int]:
@@ -152,8 +150,10 @@ def face_keys(records: pd.DataFrame, rows) -> np.ndarray:
     file), so identical images share it whatever their path, run or split. A model records the
     keys of the faces it learned from (`agecli.modeling.checkpoint.Seen`); scoring it on any of
     them later is then noticed."""
-    contents = records["content"].to_numpy()[np.asarray(rows, dtype=np.int64)]
-    return np.array([int(hashlib.sha1(str(c).encode()).hexdigest()[:15], 16) for c in contents], dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    contents, paths = records["content"].to_numpy()[rows], records["path"].to_numpy()[rows]
+    names = [c if isinstance(c, str) and c else f"path:{p}" for c, p in zip(contents, paths)]   # no hash: its path
+    return np.array([int(hashlib.sha1(n.encode()).hexdigest()[:15], 16) for n in names], dtype=np.int64)
 
 
 def read_records(path: str | os.PathLike) -> pd.DataFrame:
