@@ -219,7 +219,8 @@ def test_leftover_folders_live_writers_and_gone_inputs(tmp_path):
     assert sorted(p.name for p in (run / "train").iterdir()) == ["a"]
 
     shutil.rmtree(run / "train" / "a")
-    with pytest.raises(AgecliError, match=r"eval/ea \(train/a/best.pt gone, and no step run before it writes it\)"):
+    with pytest.raises(AgecliError, match=r"eval/ea \(train/a/best.pt gone, and no step run before it writes it: "
+                                          r"run that step too"):
         run_recipe(recipe, run, only=["eval/ea"], dry_run=True)
     with pytest.raises(AgecliError, match="no step run before it writes it"):
         run_recipe(recipe, run, only=["eval/ea"])
@@ -569,6 +570,13 @@ def test_a_student_and_an_eval_of_a_retrained_teacher_run_again_and_keep_their_o
     reads = json.loads((run / "distill" / "s" / "manifest.json").read_text())["reads"]
     assert reads[teacher] == json.loads((run / "train" / "a" / "manifest.json").read_text())["files"]["best.pt"]["sha256"]
     assert actions() == ["skip (complete)"] * 5
+
+    # eval/ea rewritten by hand with another model: no longer the recipe's step, and said so
+    from agecli.stages.evaluate import evaluate
+
+    evaluate(run / "distill" / "s" / "best.pt", run, name="ea")
+    with pytest.raises(AgecliError, match=r"eval/ea \(its folder was rewritten since this recipe ran it"):
+        run_recipe(recipe, run, dry_run=True)
 
 
 # --------------------------------------------------------------------------- signatures

@@ -28,8 +28,8 @@ from agecli.recipes.kinds import STAGE_KINDS
 from agecli.recipes.plan import call_arguments, needs, plan
 from agecli.recipes.recipe import RECIPE_FILE, Recipe, Step, did_you_mean
 from agecli.recipes.signatures import RUNNER_FILLED, parameters
-from agecli.rundir import (LOCK_NAME, StageLock, changed_reads, json_default, read_json, shown_in_run, unique_name,
-                           write_json, write_text)
+from agecli.rundir import (LOCK_NAME, StageLock, changed_reads, fingerprint_file, json_default, read_json,
+                           shown_in_run, unique_name, write_json, write_text)
 
 STATE_FILE = "recipe-state.json"
 NOT_SELECTED = "not selected"
@@ -60,10 +60,9 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
         raise AgecliError(
             f"run {run}: step(s) {', '.join(changed)} already completed with different options than this "
             f"recipe gives them. Use a new --run DIR, or delete those stage folders to redo them.")
-    missing = [f"{r['step']} ({r['action'][len('refuse ('):-1]})" for r in rows if r["action"].startswith("refuse (")]
-    if missing:
-        raise AgecliError(f"run {run}: {'; '.join(missing)}. Run the step that writes it too (--step), put it back, "
-                          "or delete the finished step's folder to redo it without.")
+    refused = [f"{r['step']} ({r['action'][len('refuse ('):-1]})" for r in rows if r["action"].startswith("refuse (")]
+    if refused:
+        raise AgecliError(f"run {run}: {'; '.join(refused)}.")
     out: dict[str, Any] = {"run": str(run), "recipe": str(recipe.path) if recipe.path else None,
                            "root": str(root) if root is not None else None, "dry_run": dry_run, "steps": rows}
     if dry_run:
@@ -77,7 +76,8 @@ def run_recipe(recipe: Recipe, run: str | Path, root: str | Path | None = None, 
         if record_state:
             # read afresh: another `agecli run --step` on this run may have recorded its step meanwhile
             latest = read_state(run)
-            latest.setdefault("steps", {})[step.label] = {"fingerprint": step.fingerprint(), "seconds": seconds}
+            latest.setdefault("steps", {})[step.label] = {"fingerprint": step.fingerprint(), "seconds": seconds,
+                                                          "manifest": _manifest_hash(step, run)}
             write_json(run / STATE_FILE, latest)
 
     for section_steps in _by_section(list(zip(steps, rows))):
@@ -131,7 +131,7 @@ def _by_section(pairs: list[tuple[Step, dict[str, Any]]]) -> list[list[tuple[Ste
 
 # --------------------------------------------------------------------------- what a run would do
 def step_status(step: Step, run: Path, state: dict[str, Any]) -> tuple[str, str]:
-    """(complete | changed | stale | partial | new, why) — what a run would do with this step.
+    """(complete | changed | rewritten | stale | partial | new, why) — what a run would do with this step.
 
     stale: finished, but what it read has changed since (a student whose teacher was
     retrained, an eval of a model resumed after it, a bench that predates a newer model),
@@ -148,9 +148,12 @@ def step_status(step: Step, run: Path, state: dict[str, Any]) -> tuple[str, str]
         return "partial", ""
     if recorded_manifest.get("status") != "complete":
         return "partial", ""
-    recorded = state.get("steps", {}).get(step.label, {}).get("fingerprint")
-    if recorded is not None and recorded != step.fingerprint():
+    recorded = state.get("steps", {}).get(step.label, {})
+    if recorded.get("fingerprint") not in (None, step.fingerprint()):
         return "changed", ""
+    if STAGE_KINDS[step.section].many and recorded.get("manifest") not in (None, _manifest_hash(step, run)):
+        return "rewritten", (f"its folder was rewritten since this recipe ran it, by `{recorded_manifest.get('command')}`: "
+                             "delete the folder to redo the step, or use a new --run")
     changed = changed_reads(recorded_manifest, run)
     if changed:
         gone = [shown_in_run(path, run) for path in changed if not Path(path).exists()]
@@ -166,7 +169,7 @@ def step_status(step: Step, run: Path, state: dict[str, Any]) -> tuple[str, str]
 
 
 _ACTIONS = {"complete": "skip (complete)", "partial": "resume", "new": "run",
-            "changed": "refuse (options changed)", "stale": "rerun", "missing": "refuse"}
+            "changed": "refuse (options changed)", "stale": "rerun", "missing": "refuse", "rewritten": "refuse"}
 WILL_RUN = ("new", "partial", "stale")
 
 
@@ -186,7 +189,8 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
                    if not any(_inside(path, other.stage_dir(run)) for other in upstream(step, steps)
                               if other.label in running)]
         if status == "stale" and missing:
-            status, why = "missing", f"{', '.join(missing)} gone, and no step run before it writes it"
+            status, why = "missing", (f"{', '.join(missing)} gone, and no step run before it writes it: run that "
+                                      "step too (--step), put it back, or delete this step's folder to redo it")
         if status == "complete":
             before = [other.label for other in upstream(step, steps) if other.label in running]
             if before:
@@ -196,6 +200,13 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
         action = _ACTIONS[status] + (f" ({why})" if why else "")
         rows.append(_row(step, action))
     return rows
+
+
+def _manifest_hash(step: Step, run: Path) -> str | None:
+    """The hash of the step's manifest as this recipe left it: another command that writes the
+    folder since (an eval of another model under the step's name, a resume) changes it."""
+    manifest = step.stage_dir(run) / "manifest.json" if step.stage_dir(run) is not None else None
+    return fingerprint_file(manifest) if manifest is not None and manifest.is_file() else None
 
 
 def _gone(step: Step, run: Path) -> list[Path]:
