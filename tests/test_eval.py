@@ -118,6 +118,16 @@ def test_what_a_model_learned_from_passes_through_students_and_init(synthetic_ru
     assert np.array_equal(inherited.faces, taught.faces) and np.array_equal(inherited.labels, taught.labels)
 
 
+def test_an_eval_of_another_model_under_a_taken_name_says_it_replaces_it(synthetic_run, tmp_path, capsys):
+    first, second = _checkpoint(tmp_path / "m.pt", synthetic_run), _checkpoint(tmp_path / "n.pt", synthetic_run)
+    evaluate(first, synthetic_run, name="x")
+    evaluate(first, synthetic_run, name="x")          # the same model again: nothing to say
+    assert "replaced" not in capsys.readouterr().err
+    evaluate(second, synthetic_run, name="x")
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"held an eval of {first}; it is replaced by this one of {second}" in said
+
+
 def test_eval_warns_on_alignment_mismatch_and_scores_groups_models(synthetic_run, tmp_path):
     other = {"method": "similarity", "size": 128, "margin": 0.4, "template": "arcface5"}
     result = evaluate(_checkpoint(tmp_path / "a.pt", synthetic_run, alignment=other), synthetic_run)

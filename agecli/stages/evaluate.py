@@ -9,6 +9,7 @@ agecli.engine.metrics.score), shared with training and bench.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from agecli.labels import GENDER_NAMES, group_of_age
 from agecli.modeling.checkpoint import load_checkpoint, read_seen
 from agecli.modeling.zoo import resolve_checkpoint
 from agecli.device import require_device
+from agecli.progress import log
 from agecli.rundir import Stage, check_name, resolve_run, write_csv, write_json
 from agecli.store import SPLITS, FaceStore, face_keys
 
@@ -75,6 +77,17 @@ def _seen_warning(model_file: Path, store: FaceStore, indices: np.ndarray, split
             "it never saw: a run prepared from other images, or with the split (and fold) it was trained on."]
 
 
+def _say_replaced(folder: Path, model_path) -> None:
+    """Evaluating again under a name that holds another model's eval replaces it: said, as
+    train and distill say when a name is taken."""
+    try:
+        before = json.loads((folder / "manifest.json").read_text()).get("args", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        return
+    if before and Path(before).resolve() != Path(str(model_path)).resolve():
+        log(f"{folder} held an eval of {before}; it is replaced by this one of {model_path} (give another --name to keep both).")
+
+
 def _model_name(model_path) -> str:
     path = Path(model_path)
     return f"{path.parent.name}-{path.stem}" if path.stem in ("best", "last") else path.stem
@@ -102,6 +115,7 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto",
     device = require_device(device)
     run = resolve_run(run)
     Stage(run, "eval", name).check()  # a folder that is not agecli's, or in use: said before predicting
+    _say_replaced(run / "eval" / name, model_path)
     store = FaceStore.open(run)
     model_file = resolve_checkpoint(model_path)
     model, spec = load_checkpoint(model_file, device)
