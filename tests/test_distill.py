@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from dataclasses import replace
 
@@ -258,10 +259,15 @@ def test_pseudo_ordinal_and_hint_run_with_augmented_live_teachers(teacher_setup,
     run, teacher = teacher_setup
     images, records = synthetic_faces(64, 32, seed=5)
     records["age"] = np.nan
-    unl = build_store(tmp_path / "unl", images, records, dataset="folder")
+    # framed unlike the labelled run: said as one of the stage's warnings, not as a Python warning
+    unl = build_store(tmp_path / "unl", images, records, dataset="folder",
+                      alignment={"method": "resize", "size": 32, "margin": 0.1, "template": "utkface"})
     options = TrainOptions(epochs=1, max_batches=2, augment=True, **FAST)
-    result = distill(run, teachers=[str(teacher)], method="pseudo", unlabelled=unl, size=32, options=options,
-                     student="squeezenet")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*aligned differently")
+        result = distill(run, teachers=[str(teacher)], method="pseudo", unlabelled=unl, size=32, options=options,
+                         student="squeezenet")
+    assert [w for w in result["warnings"] if w.startswith("the labelled and unlabelled runs are aligned differently")]
     assert [t["name"] for t in read_checkpoint(result["checkpoint"])["spec"]["provenance"]["loss"]] == ["gt", "pseudo"]
     assert "pseudo" in result["formula"] and result["metrics"]["student"]["n"] > 0
 

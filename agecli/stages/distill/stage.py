@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     world = distributed.from_env()
     arch = resolve_arch(student)
     teachers = list(teachers)
-    store, out_run = _open_store(run, unlabelled, options.labelled_fraction)
+    (store, out_run), store_notes = said(lambda: _open_store(run, unlabelled, options.labelled_fraction))
     _check_request(config, options, teachers, store, out_run, unlabelled is not None)
     rows = _Rows.of(store)
     require_faces(len(rows.train), out_run, store, "training faces")
@@ -70,7 +70,7 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
     device = require_device(options.device)
     teacher_device = require_device(config.teacher_device or device)
     teacher, notes = _bound_teacher(teachers, teacher_specs, teacher_weights, teacher_device, config, store)
-    notes += _leaks([*teachers, rank_teacher], store, rows, options.labelled_fraction)
+    notes = store_notes + notes + _leaks([*teachers, rank_teacher], store, rows, options.labelled_fraction)
     base = name or f"{arch}_from_{teacher.name if teacher else 'labels'}".replace("/", "_")
     name = output_name(out_run / "distill", base, options.resume, world)
     out_dir = out_run / "distill" / name
@@ -103,14 +103,14 @@ def distill(run: str | Path | None = None, *, teachers: Sequence[str] = (), stud
                           init_info=init_info, method=list(config.method), loss=loss.to_dict()["terms"],
                           teachers=teacher.describe() if teacher else None, rank_teacher=feeds.rank_info)
         if world.main:
-            write_json(out_dir / "recipe.json", _recipe(arch, size, enc, config, loss, feeds, notes))
+            write_json(out_dir / "recipe.json", _recipe(arch, size, enc, config, loss, feeds, notes + feeds.notes))
         seen = learned_from(store, rows.train, rows.train_labelled, *teachers, rank_teacher, init)
         results = fit(Student(model, loss, layer=config.student_layer), spec, store, rows.train, rows.val, out_dir,
                       student_options, loss_fn=loss, progress=progress, make_input=feeds.make_input,
                       extra_state={"loss_state": loss}, seen=seen)
         results.update({"run": str(out_run), "name": name, "dir": str(out_dir), "student": arch, "input_size": size,
                         "methods": list(config.method), "formula": loss.formula(),
-                        "checkpoint": str(out_dir / "best.pt"), "warnings": notes,
+                        "checkpoint": str(out_dir / "best.pt"), "warnings": notes + feeds.notes,
                         "teacher": teacher.describe() if teacher else None,
                         **rows.counts(options.labelled_fraction)})
         if world.main:
@@ -230,10 +230,18 @@ def _bound_teacher(teachers: list[str], specs, weights, device: str, config: Dis
         return None, []
     teacher = build_teacher(teachers, specs=specs, weights=weights, device=device, half=config.teacher_half,
                             hint_layer=config.hint_layer)
+    _, notes = said(lambda: teacher.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset,
+                                         recrop=config.recrop))
+    return teacher, notes
+
+
+def said(call: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """`call()`'s result and the warnings it gave, as text: they become the stage's warnings,
+    printed as agecli's and kept in its results, rather than Python's `file:line: UserWarning`."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        teacher.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset, recrop=config.recrop)
-    return teacher, [str(w.message) for w in caught]
+        result = call()
+    return result, [str(w.message) for w in caught]
 
 
 @dataclass
@@ -252,6 +260,7 @@ class _Feeds:
     cache_record: dict[str, Any] | None = None   # for the manifest's "teacher_cache"
     cache_dir: Path | None = None
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # the student's input (mean, std)
+    notes: list[str] = field(default_factory=list)   # warnings of the ranking teacher's binding
 
     @classmethod
     def build(cls, teacher: Teacher | None, store, rows: _Rows, config: DistillOptions, options: TrainOptions,
@@ -295,7 +304,9 @@ class _Feeds:
                                            size=size, k=config.rank_k, options=rank_options, pretrained=pretrained,
                                            alignment=store.manifest.get("alignment"), progress=progress)
         ranker = load_teacher(str(rank_path), device=self.device, half=config.teacher_half)
-        ranker.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset, recrop=config.recrop)
+        _, notes = said(lambda: ranker.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset,
+                                            recrop=config.recrop))
+        self.notes += [f"ranking teacher: {note}" for note in notes]
         metrics = ranker.spec.metrics or {}
         self.rank_info = {"path": str(rank_path), "val_rank_accuracy": metrics.get("rank_accuracy"),
                           "val_rank_accuracy_per_epoch": [h["rank_accuracy"] for h in metrics.get("history", [])],
