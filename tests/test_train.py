@@ -457,3 +457,34 @@ def test_with_options_hands_a_command_the_dataclass_built_from_its_flags():
     assert got == [("y", TrainOptions(epochs=3, clip_grad=None, augment=False))]
     result = CliRunner().invoke(app, ["--lr", "0"])
     assert isinstance(result.exception, AgecliError) and "--lr 0.0 is out of range" in str(result.exception)
+
+
+def test_cross_validation_run_again_keeps_finished_folds_and_resumes_an_unfinished_one(tmp_path):
+    """Interrupted at its last fold, a cross-validation run again trained every fold anew under
+    NAME-fold02, NAME-fold12..., beside the old ones (hours lost, and bench saw both)."""
+    import shutil
+    from dataclasses import replace
+
+    from agecli.stages.train import cross_validate
+
+    images, records = synthetic_faces(150, 32, folds=3)
+    run = build_store(tmp_path / "run", images, records, dataset="synthetic")
+    fast = TrainOptions(epochs=2, batch_size=32, workers=0, threads=1, max_batches=2)
+    settings = dict(arch="mobilenet_v3_small", name="x", size=32, encoding="regression")
+    cross_validate(run, options=fast, **settings)
+    shutil.rmtree(run / "train" / "x-cv")                 # stopped before the summary...
+    last = run / "train" / "x-fold2" / "manifest.json"    # ...with its last fold unfinished
+    last.write_text(json.dumps({**json.loads(last.read_text()), "status": "interrupted"}))
+    kept = (run / "train" / "x-fold0" / "best.pt").stat().st_mtime_ns
+
+    again = cross_validate(run, options=replace(fast, threads=2), **settings)   # where it runs may differ
+    assert sorted(p.name for p in (run / "train").iterdir()) == ["x-cv", "x-fold0", "x-fold1", "x-fold2"]
+    assert (run / "train" / "x-fold0" / "best.pt").stat().st_mtime_ns == kept
+    assert json.loads(last.read_text())["status"] == "complete"
+    assert [f["name"] for f in again["folds"]] == ["x-fold0", "x-fold1", "x-fold2"]
+    # other settings are another model: trained anew, beside it
+    other = cross_validate(run, options=replace(fast, lr=fast.lr * 2), folds=[0], **settings)
+    assert [f["name"] for f in other["folds"]] == ["x-fold02"]
+    records["age"] = records["age"] + 1    # and so is one on faces prepared again
+    build_store(run, images, records, dataset="synthetic")
+    assert [f["name"] for f in cross_validate(run, options=fast, folds=[1], **settings)["folds"]] == ["x-fold12"]

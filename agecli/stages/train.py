@@ -12,6 +12,8 @@ Distributed data parallel comes for free under `torchrun` (see agecli.engine.dis
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from agecli.modeling.backbones import count_parameters, default_normalisation, r
 from agecli.modeling.checkpoint import Seen
 from agecli.modeling.encodings import build_encoding
 from agecli.options import TrainOptions
-from agecli.progress import ProgressFn
+from agecli.progress import ProgressFn, log
 from agecli.rundir import Stage, resolve_run, unique_name, write_csv, write_json
 from agecli.stages.common import (input_size, labelled, learned_from, load_best, model_spec, open_stage, output_name,
                                   predict_rows, require_faces, seeded_model, split_counts, update_best, write_metrics)
@@ -114,10 +116,51 @@ def _score_on_test(out_dir: Path, store: FaceStore, test_idx, options: TrainOpti
     return metrics
 
 
+RUNTIME_ONLY = {"resume", "device", "threads", "workers", "val_batch_size"}   # where it runs, not what it trains
+
+
+def _same_fold(run: Path, name: str, arch: str, fold: int, kwargs: dict[str, Any]) -> bool:
+    """Whether RUN/train/NAME was started, on the run's faces as they are, with the settings this
+    cross-validation gives its fold."""
+    try:
+        manifest = json.loads((run / "train" / name / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    args = manifest.get("args") or {}
+    if (manifest.get("inputs") or {}).get("prepare") != FaceStore.open(run).fingerprint():
+        return False
+    options = json.loads(json.dumps((kwargs.get("options") or TrainOptions()).to_dict(), default=str))
+    encoding = args.get("encoding") or {}
+    wanted = {"arch": arch, "fold": fold, "gender": kwargs.get("gender", False), "pretrained": kwargs.get("pretrained"),
+              "init": str(kwargs["init"]) if kwargs.get("init") else None}
+    return (all(args.get(k) == v for k, v in wanted.items())
+            and kwargs.get("size") in (None, args.get("size"))
+            and encoding.get("name") == kwargs.get("encoding", "ldae")
+            and all(kwargs.get(key) in (None, encoding.get(field))
+                    for key, field in (("sigma", "sigma"), ("decode", "decode"), ("loss", "loss_kind")))
+            and {k: v for k, v in (args.get("options") or {}).items() if k not in RUNTIME_ONLY}
+            == {k: v for k, v in options.items() if k not in RUNTIME_ONLY})
+
+
+def _finished_fold(run: Path, name: str, arch: str, fold: int, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The results of a fold model an earlier, interrupted cross-validation finished with these
+    settings: kept rather than trained again (under NAME2)."""
+    try:
+        manifest = json.loads((run / "train" / name / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("status") != "complete" or not _same_fold(run, name, arch, fold, kwargs):
+        return None
+    log(f"{run / 'train' / name}: finished before with these settings; kept")
+    return manifest.get("results") or {}
+
+
 def cross_validate(run: str | Path | None = None, *, arch: str, name: str | None = None,
                    folds: list[int] | None = None, progress: ProgressFn | None = None,
                    **kwargs: Any) -> dict[str, Any]:
-    """One model per cross-validation fold (Adience's 5 official folds): per-fold and mean +- std metrics."""
+    """One model per cross-validation fold (Adience's 5 official folds): per-fold and mean +- std metrics.
+    Run again after an interruption, it keeps the folds finished with the same settings and
+    resumes an unfinished one from its last.pt."""
     run = resolve_run(run)
     store = FaceStore.open(run)
     available = store.folds()
@@ -132,7 +175,12 @@ def cross_validate(run: str | Path | None = None, *, arch: str, name: str | None
     base = name or arch
     per_fold = []
     for fold in folds:
-        result = train(run, arch=arch, name=f"{base}-fold{fold}", fold=fold, progress=progress, **kwargs)
+        fold_name = f"{base}-fold{fold}"
+        result = _finished_fold(run, fold_name, arch, fold, kwargs)
+        if result is None:
+            resume = (run / "train" / fold_name / "last.pt").is_file() and _same_fold(run, fold_name, arch, fold, kwargs)
+            options = replace(kwargs.get("options") or TrainOptions(), resume=resume)
+            result = train(run, arch=arch, name=fold_name, fold=fold, progress=progress, **{**kwargs, "options": options})
         per_fold.append({"fold": fold, "name": result["name"], **(result.get("test") or {})})
     frame = pd.DataFrame(per_fold)
     summary: dict[str, Any] = {"folds": per_fold}
