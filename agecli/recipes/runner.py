@@ -185,10 +185,10 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
             rows.append(_row(step, NOT_SELECTED))
             continue
         status, why = step_status(step, run, state)
-        missing = [shown_in_run(path, run) for path in _gone(step, run)
+        missing = [shown_in_run(path, run) for path in (_gone(step, run) if status == "stale" else [])
                    if not any(_inside(path, other.stage_dir(run)) for other in upstream(step, steps)
                               if other.label in running)]
-        if status == "stale" and missing:
+        if missing:
             status, why = "missing", (f"{', '.join(missing)} gone, and no step run before it writes it: run that "
                                       "step too (--step), put it back, or delete this step's folder to redo it")
         if status == "complete":
@@ -202,17 +202,23 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
     return rows
 
 
+def _manifest_file(step: Step, run: Path) -> Path | None:
+    """The step's manifest.json where it exists."""
+    folder = step.stage_dir(run)
+    return folder / "manifest.json" if folder is not None and (folder / "manifest.json").is_file() else None
+
+
 def _manifest_hash(step: Step, run: Path) -> str | None:
     """The hash of the step's manifest as this recipe left it: another command that writes the
     folder since (an eval of another model under the step's name, a resume) changes it."""
-    manifest = step.stage_dir(run) / "manifest.json" if step.stage_dir(run) is not None else None
-    return fingerprint_file(manifest) if manifest is not None and manifest.is_file() else None
+    manifest = _manifest_file(step, run)
+    return fingerprint_file(manifest) if manifest is not None else None
 
 
 def _gone(step: Step, run: Path) -> list[Path]:
     """What a finished step read that no longer exists."""
-    manifest = step.stage_dir(run) / "manifest.json" if step.stage_dir(run) is not None else None
-    if manifest is None or not manifest.is_file():
+    manifest = _manifest_file(step, run)
+    if manifest is None:
         return []
     try:
         return [path for path in changed_reads(read_json(manifest), run) if not path.exists()]
