@@ -187,6 +187,7 @@ class DistillOptions:
     recrop: bool = True               # re-crop faces to each teacher's own alignment when both are known
     teacher_device: str | None = None  # device of the teachers (default: the student's)
     teacher_half: bool = False        # run checkpoint teachers in fp16 (CUDA only)
+    teacher_mirror: bool = False      # teachers answer each crop as the mean over it and its mirror image
 
     def __post_init__(self) -> None:
         asked = (self.method,) if isinstance(self.method, str) else tuple(self.method)

@@ -397,12 +397,25 @@ def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 2 and np.isfinite(history["train_soft"]).all() and history["train_soft"].iloc[0] > 0
     assert result["metrics"]["student"]["n"] > 0 and len(list((run / "teacher_cache").glob("*.view1.age.npy"))) == 1
+    first_key = manifest["teacher_cache"]["key"]
 
     # another seed is another student, not another bank: it reuses the teacher's answers
     again = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2,
                     name="views_seed1", options=replace(options, seed=1))
     manifest = json.loads((run / "distill" / again["name"] / "manifest.json").read_text())
     assert manifest["teacher_cache"]["built"] == 0 and manifest["status"] == "complete"
+
+    # --teacher-mirror: a bank of its own, the teacher described as mirrored in the student's checkpoint
+    mirrored = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2,
+                       teacher_mirror=True, name="views_mirror", options=options)
+    manifest = json.loads((run / "distill" / "views_mirror" / "manifest.json").read_text())
+    assert manifest["teacher_cache"]["built"] == 2 and manifest["teacher_cache"]["key"] != first_key
+    spec = read_checkpoint(run / "distill" / "views_mirror" / "best.pt")["spec"]
+    assert spec["provenance"]["teachers"]["mirror"] is True and mirrored["metrics"]["student"]["n"] > 0
+    # the brightness teacher is symmetric: on mirror images it answers the same, so the two banks agree
+    plain_ages = np.load(next((run / "teacher_cache").glob(f"{first_key}.view1.age.npy")))
+    mirror_ages = np.load(next((run / "teacher_cache").glob(f"{manifest['teacher_cache']['key']}.view1.age.npy")))
+    assert np.allclose(plain_ages, mirror_ages, atol=1e-3)
 
     with pytest.raises(AgecliError, match="hint needs the teacher.s features live"):
         distill(run, teachers=[str(teacher)], method=["soft", "hint"], size=32, teacher_views=2, options=options)

@@ -243,3 +243,29 @@ def test_dlib_age_on_real_utkface_faces(tmp_path):
     assert mae < 8.0 and mae < constant / 2, (mae, constant)
     assert out["features"].shape == (300, 256)
     assert np.allclose(out["probs"].sum(1), 1, atol=1e-4)
+
+
+def test_a_mirrored_teacher_answers_each_crop_as_the_mean_over_it_and_its_mirror_image(tmp_path):
+    # the shipped student as a teacher, on real faces: a face-feature network is not symmetric,
+    # so its answers on a face and on its mirror image differ and the mean is a third answer
+    from agecli.modeling.zoo import resolve_model_ref
+
+    images, _ = utkface_faces(64, 96)
+    x01 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    default = str(resolve_model_ref("default"))
+    plain, mirrored = load_teacher(default), load_teacher(default).set_mirror()
+    a, b, m = plain(x01), plain(x01.flip(-1)), mirrored(x01)
+    assert float((a.age - b.age).abs().mean()) > 0.3   # measured about 1.3 years apart
+    assert torch.allclose(m.age, (a.age + b.age) / 2, atol=1e-4)
+    assert torch.allclose(m.probs, (a.probs + b.probs) / 2, atol=1e-6)
+    assert torch.allclose(m.features, (a.features + b.features) / 2, atol=1e-5)
+    # the mirror image's mean is the same mean: the answer no longer depends on the face's side
+    assert torch.allclose(mirrored(x01.flip(-1)).age, m.age, atol=1e-4)
+    # another bank: a mirrored teacher's answers never pass for the plain one's, and say so
+    assert mirrored.cache_key() != plain.cache_key() and mirrored.describe()["mirror"] is True
+    assert "mirror" not in plain.describe()
+    both = Ensemble([load_teacher(default), load_teacher(default)])
+    key = both.cache_key()
+    both.set_mirror()
+    assert both.cache_key() != key and all(t.mirror for t in both.teachers)
+    assert torch.allclose(both(x01).age, m.age, atol=1e-4)

@@ -146,6 +146,9 @@ DISTILLATION: dict[str, Any] = {
                                                        help="device of the teachers [default: --device]")],
     "teacher_half": Annotated[bool, _option("--teacher-half", panel=_KD,
                                             help="run checkpoint teachers in fp16 (CUDA only)")],
+    "teacher_mirror": Annotated[bool, _option("--teacher-mirror", panel=_KD,
+                                              help="teachers answer each crop as the mean of their answers on it and "
+                                                   "on its mirror image: steadier targets at twice the teacher's cost")],
 }
 
 

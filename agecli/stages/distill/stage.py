@@ -229,7 +229,7 @@ def _bound_teacher(teachers: list[str], specs, weights, device: str, config: Dis
     if not teachers:
         return None, []
     teacher = build_teacher(teachers, specs=specs, weights=weights, device=device, half=config.teacher_half,
-                            hint_layer=config.hint_layer)
+                            hint_layer=config.hint_layer).set_mirror(config.teacher_mirror)
     _, notes = said(lambda: teacher.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset,
                                          recrop=config.recrop))
     return teacher, notes

