@@ -164,3 +164,33 @@ def test_cli_eval_json(synthetic_run, tmp_path):
     result = json.loads(out.stdout)
     assert result["split"] == "val" and result["metrics"]["n"] > 0
     assert (synthetic_run / "eval" / f"{tmp_path.name}-best-val" / "metrics.json").exists()
+
+
+def test_eval_mirror_scores_each_face_as_the_mean_over_it_and_its_mirror_image(tiny_run, tmp_path):
+    # the shipped student on real faces: a trained network answers a face and its mirror image differently
+    plain = evaluate("default", tiny_run, "test")
+    mirrored = evaluate("default", tiny_run, "test", mirror=True)
+    assert mirrored["dir"] == str(tiny_run / "eval" / "default-mirror") and mirrored["mirror"] is True
+    assert plain["mirror"] is False and (tiny_run / "eval" / "default" / "metrics.json").exists()
+    one = pd.read_csv(tiny_run / "eval" / "default" / "predictions.csv")
+    both = pd.read_csv(tiny_run / "eval" / "default-mirror" / "predictions.csv")
+    # the same faces mirrored, scored plainly
+    flipped_run = tmp_path / "flipped"
+    store = FaceStore.open(tiny_run)
+    build_store(flipped_run, np.ascontiguousarray(store.images[:, :, ::-1]), store.records)
+    evaluate("default", flipped_run, "test")
+    other = pd.read_csv(flipped_run / "eval" / "default" / "predictions.csv")
+    assert (one["age_pred"] - other["age_pred"]).abs().mean() > 0.3   # measured about 1.2 years
+    assert np.allclose(both["age_pred"], (one["age_pred"] + other["age_pred"]) / 2, atol=1e-4)
+    assert np.allclose(both["female_prob"], (one["female_prob"] + other["female_prob"]) / 2, atol=1e-5)
+    # ... so mirroring the faces changes nothing under --mirror
+    evaluate("default", flipped_run, "test", mirror=True)
+    again = pd.read_csv(flipped_run / "eval" / "default-mirror" / "predictions.csv")
+    assert np.allclose(again["age_pred"], both["age_pred"], atol=1e-4)
+    metrics = age_metrics(both["age_pred"], both["age"])
+    assert mirrored["metrics"]["mae"] == pytest.approx(metrics["mae"])
+    # a groups model: the likeliest group of the summed probabilities, its midpoint as the age
+    groups = _checkpoint(tmp_path / "g.pt", tiny_run, encoding="groups")
+    result = evaluate(groups, tiny_run, "test", mirror=True)
+    frame = pd.read_csv(Path(result["dir"]) / "predictions.csv")
+    assert frame["group_pred"].between(0, 7).all() and result["metrics"]["n"] == len(one)

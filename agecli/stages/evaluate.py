@@ -94,7 +94,7 @@ def _model_name(model_path) -> str:
 
 
 def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto", batch_size: int = 256,
-             name: str | None = None, progress=None) -> dict[str, Any]:
+             name: str | None = None, mirror: bool = False, progress=None) -> dict[str, Any]:
     """Score a checkpoint on a split of a run (`all` = every labelled face): the `agecli eval` stage.
 
     Writes RUN/eval/<name>/predictions.csv, metrics.json and bias.csv under a stage manifest;
@@ -105,12 +105,16 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto",
     mapped to the nearest group) as well as by MAE against group midpoints; a `groups` model
     on an ages run is scored on the groups of the true ages (exact / 1-off), and its MAE
     (group midpoints vs true ages) is reported with a warning.
+
+    `mirror`: each face is scored as the mean of the answers on it and on its mirror image
+    (the default name then ends in -mirror), what a teacher gives under `--teacher-mirror`.
     """
     if batch_size < 1:
         raise AgecliError(f"--batch-size {batch_size}: give 1 or more faces per forward pass (e.g. 256).")
     if split not in (*SPLITS, "all"):
         raise AgecliError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all.")
-    name = check_name(name or _model_name(model_path) + ("" if split == "test" else f"-{split}"),
+    suffix = ("" if split == "test" else f"-{split}") + ("-mirror" if mirror else "")
+    name = check_name(name or _model_name(model_path) + suffix,
                       "--name" if name else "the eval folder name (from the model path; pass --name)")
     device = require_device(device)
     run = resolve_run(run)
@@ -142,7 +146,8 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto",
     if store.size < spec.input_size:
         warnings.append(f"run {run} stores {store.size}px faces but the model expects {spec.input_size}px; "
                         "faces are upsampled.")
-    frame = predict_store(model, spec, store, indices, device=device, batch_size=batch_size, progress=progress)
+    frame = predict_store(model, spec, store, indices, device=device, batch_size=batch_size, mirror=mirror,
+                          progress=progress)
     groups_model = spec.build_encoding().support == "groups"
     if groups_model and not has_groups:
         frame["group"] = frame["age"].map(lambda a: group_of_age(float(a)))
@@ -150,14 +155,16 @@ def evaluate(model_path, run=None, split: str = "test", *, device: str = "auto",
                         "compares group midpoints with exact ages.")
     metrics = score(frame)
     bias = breakdown(frame)
-    args = {"model": str(model_path), "split": split, "device": device, "batch_size": batch_size}
+    args = {"model": str(model_path), "split": split, "device": device, "batch_size": batch_size,
+            **({"mirror": True} if mirror else {})}  # older evals' arguments stay as they were
     with Stage(run, "eval", name, args=args,
                inputs={"model_fingerprint": spec.data_fingerprint, "arch": spec.arch},
                reads=[run, model_file]) as stage:
         write_csv(stage.path("predictions.csv"), frame)
         write_csv(stage.path("bias.csv"), bias)
         result = {"model": str(model_path), "run": str(run), "split": split, "arch": spec.arch,
-                  "encoding": spec.encoding.get("name"), "input_size": spec.input_size, "metrics": metrics,
+                  "encoding": spec.encoding.get("name"), "input_size": spec.input_size, "mirror": mirror,
+                  "metrics": metrics,
                   "warnings": warnings, "dir": str(stage.dir), "trained_on": spec.provenance.get("dataset"),
                   "cross_dataset": spec.data_fingerprint != store.fingerprint()}
         write_json(stage.path("metrics.json"), {**metrics, "bias": bias.to_dict(orient="records")})

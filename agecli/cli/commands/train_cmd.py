@@ -123,6 +123,9 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1, help="faces per forward pass")] = 256,
     name: Annotated[Optional[str], typer.Option(
         help="output folder under RUN/eval/ [default: from the model path]")] = None,
+    mirror: Annotated[bool, typer.Option(
+        "--mirror", help="score each face as the mean of the answers on it and on its mirror image "
+                         "(twice the cost; what a teacher gives under distill --teacher-mirror)")] = False,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -130,7 +133,8 @@ def eval_command(
     from agecli.stages.evaluate import evaluate
 
     with rich_progress(quiet or as_json) as progress:
-        results = evaluate(model, run, split, device=device, batch_size=batch_size, name=name, progress=progress)
+        results = evaluate(model, run, split, device=device, batch_size=batch_size, name=name, mirror=mirror,
+                           progress=progress)
     for warning in results["warnings"]:
         log(f"[yellow]warning:[/] {warning}", False)
     if as_json:
@@ -147,7 +151,8 @@ def _print_metrics(results: dict) -> None:
     from rich.table import Table
 
     m = results["metrics"]
-    table = Table(title=f"{results['model']} on {results['run']} ({results['split']}, {m.get('n', 0)} faces)")
+    mirrored = ", each face and its mirror image" if results.get("mirror") else ""
+    table = Table(title=f"{results['model']} on {results['run']} ({results['split']}, {m.get('n', 0)} faces{mirrored})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("mae", "rmse", "cs1", "cs5", "cs10", "epsilon_error", "group_exact", "group_1off", "gender_accuracy"):
