@@ -421,19 +421,29 @@ def test_a_failing_child_is_named_with_its_log_and_its_sibling_still_completes(t
     assert not (run / "report.md").exists(), "a later section does not start after a failure"
 
 
-def test_a_step_that_reads_a_later_step_of_its_section_is_refused(tmp_path):
+def test_a_step_that_reads_a_later_step_of_its_section_is_refused(tmp_path, monkeypatch):
+    run = tmp_path / "run"
     text = TWO_TRAIN_STEPS.replace("max_batches: 2,", "max_batches: 2, init: '{run}/train/b/best.pt',", 1)
     with pytest.raises(AgecliError, match=r"\[train/a\] reads the output of train/b.*move train/a below train/b"):
-        plan(_recipe(text, tmp_path), tmp_path / "run")
+        plan(_recipe(text, tmp_path), run)
     # the same reference, listed in order, plans; a name that only starts the same does not count
     ordered = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1, init: '{run}/train/a/best.pt'}")
-    steps = plan(_recipe(ordered, tmp_path), tmp_path / "run")
-    assert [s.label for s in needs(steps[1], steps)] == ["train/a"]
+    steps = plan(_recipe(ordered, tmp_path), run)
+    assert [s.label for s in needs(steps[1], steps, run)] == ["train/a"]
+    # the run's path written out, absolute or relative to here, is the same folder (--jobs waits for it)
+    monkeypatch.chdir(tmp_path)
+    for written in (f"{run}/train/a/best.pt", "run/train/a/best.pt", "./run/../run/train/a"):
+        literal = TWO_TRAIN_STEPS.replace("seed: 1}", f"seed: 1, init: '{written}'}}")
+        steps = plan(_recipe(literal, tmp_path), run)
+        assert [s.label for s in needs(steps[1], steps, run)] == ["train/a"], written
+    backwards = TWO_TRAIN_STEPS.replace("max_batches: 2,", "max_batches: 2, init: 'run/train/b/best.pt',", 1)
+    with pytest.raises(AgecliError, match=r"reads the output of train/b"):
+        plan(_recipe(backwards, tmp_path), run)
     prefix = TWO_TRAIN_STEPS.replace("seed: 1}", "seed: 1, init: '{run}/train/ab/best.pt'}")
-    (tmp_path / "run" / "train" / "ab").mkdir(parents=True)   # trained before, outside the recipe
-    (tmp_path / "run" / "train" / "ab" / "best.pt").write_bytes(b"")
-    steps = plan(_recipe(prefix, tmp_path), tmp_path / "run")
-    assert needs(steps[1], steps) == []
+    (run / "train" / "ab").mkdir(parents=True)   # trained before, outside the recipe
+    (run / "train" / "ab" / "best.pt").write_bytes(b"")
+    steps = plan(_recipe(prefix, tmp_path), run)
+    assert needs(steps[1], steps, run) == []
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def run_in_children(runnable: list[tuple[Step, dict[str, Any]]], run: Path, reci
     try:
         while waiting or running:
             while waiting and len(running) < jobs and not failed:
-                ready = _next_ready(waiting, running)
+                ready = _next_ready(waiting, running, run)
                 if ready is None:
                     break
                 waiting.remove(ready)
@@ -87,10 +87,10 @@ def run_in_children(runnable: list[tuple[Step, dict[str, Any]]], run: Path, reci
         raise AgecliError(_failure_message(failed, [step.label for step, _ in waiting]))
 
 
-def _next_ready(waiting: list[tuple[Step, dict[str, Any]]], running: list[_Child]):
+def _next_ready(waiting: list[tuple[Step, dict[str, Any]]], running: list[_Child], run: Path):
     """The first waiting step none of whose inputs is still waiting or running in this section."""
     unfinished = [s for s, _ in waiting] + [c.step for c in running]
-    ready = [pair for pair in waiting if not needs(pair[0], unfinished)]
+    ready = [pair for pair in waiting if not needs(pair[0], unfinished, run)]
     return ready[0] if ready else None
 
 

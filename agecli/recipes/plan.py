@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,7 +39,7 @@ def plan(recipe: Recipe, run: str | Path, root: str | Path | None = None) -> lis
             step.kwargs = _resolve(step.options, run=Path(run), root=root)
             _check_resolved(step, where)
             section_steps.append(step)
-        _check_order(section_steps, where)
+        _check_order(section_steps, Path(run), where)
         steps.extend(section_steps)
     if not steps:
         raise AgecliError(f"{where} has no stages; give at least one of {', '.join(STAGE_KINDS)}.")
@@ -94,27 +93,23 @@ def section_parameters(kind: StageKind) -> dict[str, Param]:
     return params
 
 
-def _check_order(section_steps: list[Step], where: str) -> None:
+def _check_order(section_steps: list[Step], run: Path, where: str) -> None:
     for i, step in enumerate(section_steps):
-        later = [s.label for s in needs(step, section_steps[i + 1:])]
+        later = [s.label for s in needs(step, section_steps[i + 1:], run)]
         if later:
             raise AgecliError(f"{where}: [{step.label}] reads the output of {', '.join(later)}, which the "
                               f"recipe lists after it; move {step.label} below {later[-1]}.")
 
 
-def needs(step: Step, others: Sequence[Step]) -> list[Step]:
-    """The steps among `others` whose folder `step` reads, e.g. `init: "{run}/train/NAME/best.pt"`.
-    Sections already run in order; this orders the steps inside one (and waits under --jobs)."""
-    text = json.dumps(step.options, default=str)
-    found = []
-    for other in others:
-        template = STAGE_KINDS[other.section].stage_dir
-        if other is step or not template:
-            continue
-        folder = "{run}/" + template.format(name=other.name)
-        if re.search(re.escape(folder) + r'(?=[/"])', text):
-            found.append(other)
-    return found
+def needs(step: Step, others: Sequence[Step], run: Path) -> list[Step]:
+    """The steps among `others` whose folder `step` reads, e.g. `init: "{run}/train/NAME/best.pt"`,
+    or the same path written out (relative or absolute). Sections already run in order; this
+    orders the steps inside one (and waits under --jobs)."""
+    read = {folder.resolve() for value in step.kwargs.values()
+            for text in (value if isinstance(value, list) else [value])
+            if (folder := _stage_folder(text, run)) is not None}
+    return [other for other in others
+            if other is not step and (folder := other.stage_dir(run)) is not None and folder.resolve() in read]
 
 
 # --------------------------------------------------------------------------- validation
@@ -266,15 +261,23 @@ def _check_run_paths(steps: list[Step], run: Path, where: str) -> None:
 
 
 def _stage_folder(value: Any, run: Path) -> Path | None:
-    """RUN/<stage>/<name> for a path into a named stage's folder (train, distill, eval), else None."""
-    if not isinstance(value, str):
+    """RUN/<stage>/<name> for a path into a named stage's folder (train, distill, eval), else None.
+    The path may be written as the run is or resolved (relative to here, or absolute)."""
+    if not isinstance(value, str) or not value:
         return None
-    try:
-        parts = Path(value).relative_to(run).parts
-    except ValueError:
-        return None
+    parts = _inside_run(Path(value), run)
     named = {kind.stage_dir.split("/")[0] for kind in STAGE_KINDS.values() if kind.many}
-    return run / parts[0] / parts[1] if len(parts) >= 2 and parts[0] in named else None
+    return run / parts[0] / parts[1] if parts and len(parts) >= 2 and parts[0] in named else None
+
+
+def _inside_run(path: Path, run: Path) -> tuple[str, ...] | None:
+    """`path`'s parts below `run`, comparing them as written and then resolved; None if outside."""
+    for inner, outer in ((path, run), (path.resolve(), run.resolve())):
+        try:
+            return inner.relative_to(outer).parts
+        except ValueError:
+            continue
+    return None
 
 
 # --------------------------------------------------------------------------- the call

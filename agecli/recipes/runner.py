@@ -186,13 +186,13 @@ def describe_plan(steps: list[Step], run: Path, root, selected: set[str] | None 
             continue
         status, why = step_status(step, run, state)
         missing = [shown_in_run(path, run) for path in (_gone(step, run) if status == "stale" else [])
-                   if not any(_inside(path, other.stage_dir(run)) for other in upstream(step, steps)
+                   if not any(_inside(path, other.stage_dir(run)) for other in upstream(step, steps, run)
                               if other.label in running)]
         if missing:
             status, why = "missing", (f"{', '.join(missing)} gone, and no step run before it writes it: run that "
                                       "step too (--step), put it back, or delete this step's folder to redo it")
         if status == "complete":
-            before = [other.label for other in upstream(step, steps) if other.label in running]
+            before = [other.label for other in upstream(step, steps, run) if other.label in running]
             if before:
                 status, why = "stale", f"{', '.join(before)} runs first"
         if status in WILL_RUN:
@@ -235,14 +235,14 @@ def _row(step: Step, action: str) -> dict[str, Any]:
             "options": step.kwargs}
 
 
-def upstream(step: Step, steps: Sequence[Step]) -> list[Step]:
+def upstream(step: Step, steps: Sequence[Step], run: Path) -> list[Step]:
     """The steps before `step` whose output it reads: prepare (every stage reads the run's
     faces) and the steps whose folders its options name."""
     before = steps[:steps.index(step)]
     if STAGE_KINDS[step.section].inputs is not None:
         return list(before)   # bench: every model of the run
     found = [other for other in before if other.section == "prepare"]
-    return found + [other for other in needs(step, before) if other not in found]
+    return found + [other for other in needs(step, before, run) if other not in found]
 
 
 def select_steps(steps: list[Step], only: Sequence[str] | None) -> set[str] | None:
