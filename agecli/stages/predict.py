@@ -238,11 +238,11 @@ def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike = DEFAU
             annotate: str | os.PathLike | None = None, smooth: int = 1, every: int = 1,
             min_face_fraction: float = 0.03, max_side: int = 960, min_score: float = 0.9,
             out: str | os.PathLike | None = None, max_frames: int = 0, force: bool = False,
-            progress=None) -> dict[str, Any]:
+            mirror: bool = False, progress=None) -> dict[str, Any]:
     """Predict every face in `paths`; optionally write annotated copies into `annotate` and the
     result to `out` (.json: the returned object; .csv: its rows). An existing `out` is replaced
     only when predict wrote it, an existing `annotate` folder written into only when agecli made
-    it, unless `force`. Returns {"rows", "failed", "no_face", "files", "videos", "annotated",
+    it, unless `force`. `mirror`: each face answered as the mean over it and its mirror image. Returns {"rows", "failed", "no_face", "files", "videos", "annotated",
     "notes", ...}."""
     if smooth < 1 or every < 1 or max_frames < 0:
         raise AgecliError(f"--smooth and --every must be >= 1 and --max-frames >= 0 (got {smooth}, {every}, "
@@ -251,7 +251,7 @@ def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike = DEFAU
     folder = Path(annotate) if annotate else None
     check_outputs(inputs, folder, Path(out) if out is not None else None, force)
     estimator = AgeEstimator(model, device=device, min_score=min_score, min_face_fraction=min_face_fraction,
-                             max_side=max_side)
+                             max_side=max_side, mirror=mirror)
     if folder:
         if not folder.is_dir() or not any(folder.iterdir()):  # agecli makes it: mark it as its own
             folder.mkdir(parents=True, exist_ok=True)
@@ -263,7 +263,8 @@ def predict(paths: Sequence[str | os.PathLike], model: str | os.PathLike = DEFAU
         batch.add(source, kind, progress)
     if progress:
         progress("files", len(inputs), len(inputs))
-    result = {"model": str(model), "alignment": estimator.predictor.alignment.to_dict(), "files": len(inputs),
+    result = {"model": str(model), "mirror": mirror, "alignment": estimator.predictor.alignment.to_dict(),
+              "files": len(inputs),
               "faces": len(batch.rows), "fields": FIELDS, "rows": batch.rows, "failed": batch.failed,
               "no_face": batch.no_face, "skipped": skipped, "videos": batch.videos, "annotated": batch.annotated,
               "notes": estimator.notes + batch.notes}
