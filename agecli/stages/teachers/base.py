@@ -68,7 +68,7 @@ class Teacher:
 
     def set_mirror(self, on: bool = True) -> "Teacher":
         """Answer every crop as the mean of the answers on it and on its mirror image: a steadier
-        teacher at twice the cost (the shipped student: val MAE 4.53 against 4.63 that way)."""
+        teacher at twice the cost (the face-recognition pair: UTKFace test MAE 4.45 against 4.50)."""
         self.mirror = bool(on)
         return self
 
