@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from agecli.errors import AgecliError
-from agecli.stages.teachers.base import Teacher, TeacherOutput
+from agecli.stages.teachers.base import Teacher, TeacherOutput, mean_output
 
 
 class Ensemble(Teacher):
@@ -51,7 +51,7 @@ class Ensemble(Teacher):
     @torch.no_grad()  # not inference_mode: its tensors could not enter the student's loss graph
     def __call__(self, x01: torch.Tensor) -> TeacherOutput:
         outs = [t(x01) for t in self.teachers]
-        age = sum(w * o.age for w, o in zip(self.weights, outs))
-        probs = sum(w * o.probs for w, o in zip(self.weights, outs))
+        mean = mean_output(outs, self.weights)
+        # teachers' features may differ in width: the first teacher having them gives them
         features = next((o.features for o in outs if o.features is not None), None)
-        return TeacherOutput(age, probs, features)
+        return TeacherOutput(mean.age, mean.probs, features)
