@@ -423,6 +423,119 @@ def test_distill_with_teacher_views_trains_on_the_bank(teacher_setup):
         distill(run, teachers=[str(teacher)], size=32, teacher_views=2, options=replace(options, augment=False))
 
 
+# --------------------------------------------------------------------------- mirror pairs
+def _js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence of two rows of logits, from its definition."""
+    p, q = torch.softmax(a, 1), torch.softmax(b, 1)
+    m = (p + q) / 2
+    return 0.5 * ((p * (_log(p) - _log(m))).sum(1) + (q * (_log(q) - _log(m))).sum(1))
+
+
+def test_mirror_term_is_the_js_divergence_between_a_crop_and_its_mirror_image():
+    z = torch.randn(4, 101) * 2
+    loss = _loss([("mirror", 1.0, {})])
+    value, _ = loss({"age": torch.cat([z, z])}, _batch([20] * 8), torch.zeros(1))
+    assert float(value) == pytest.approx(0.0, abs=1e-6)      # both sides answer alike: nothing to pull
+    other = (torch.randn(4, 101) * 2).requires_grad_()
+    value, parts = loss({"age": torch.cat([z, other])}, _batch([20] * 8), torch.zeros(1))
+    assert float(value.detach()) == pytest.approx(float(_js(z, other.detach()).mean()), rel=1e-4)
+    assert parts["mirror"] > 0.01
+    value.backward()
+    assert other.grad.abs().sum() > 0
+    # a regression student: the L1 between its two outputs (the units of its own loss)
+    outputs = torch.tensor([[1.0], [3.0], [1.3], [2.5]])
+    value, _ = _loss([("mirror", 1.0, {})], encoding="regression")({"age": outputs}, _batch([20] * 4),
+                                                                    torch.zeros(1))
+    assert float(value) == pytest.approx(0.4)
+    with pytest.raises(RuntimeError, match="mirror pairs"):
+        loss({"age": z[:3]}, _batch([20] * 3), torch.zeros(1))
+
+
+def test_mirror_pairs_follow_each_crop_with_its_mirror_image(teacher_setup, tmp_path):
+    from agecli.data.batches import Augment
+    from agecli.engine.loop import Preprocess
+    from agecli.stages.distill import TeacherViews
+    from agecli.stages.distill.feeds import CropForTeacher, MirrorPairs
+    from agecli.stages.teachers import load_teacher
+
+    run, path = teacher_setup
+    store = FaceStore.open(run)
+    teacher = load_teacher(str(path))
+    teacher.bind(store.manifest.get("alignment"), store.size, dataset=store.dataset)
+    rows = np.sort(store.indices("train")[:12])
+    views = TeacherViews(teacher, store, rows, 2, tmp_path, view_size=32, batch_size=64)
+    images = torch.from_numpy(np.ascontiguousarray(store.images[rows]))
+    batch = Batch(images, torch.arange(12.0), torch.ones(12), torch.zeros(12, dtype=torch.long),
+                  torch.from_numpy(rows))
+    prep = Preprocess(24, (0.5,) * 3, (0.25,) * 3, "cpu", Augment(), channels_last=False, robust=0.5)
+
+    paired, x = MirrorPairs(views.make_input)(batch, torch.Generator().manual_seed(0), prep)
+    assert x.shape == (24, 3, 24, 24) and torch.equal(x[12:], x[:12].flip(-1))
+    assert torch.equal(paired.index, torch.cat([batch.index, batch.index]))
+    assert torch.equal(paired.age, torch.cat([batch.age, batch.age])) and len(paired) == 24
+    assert torch.equal(paired.view_id[12:], paired.view_id[:12]) and torch.equal(paired.degraded[12:],
+                                                                                  paired.degraded[:12])
+    # the bank answers both sides with the crop's answer (exact for a mirrored teacher)
+    answers = views(paired, x)
+    assert torch.equal(answers.age[12:], answers.age[:12])
+    # a live teacher's clean crop is mirrored with the student's input: it answers each side
+    paired, x = MirrorPairs(CropForTeacher(32))(batch, torch.Generator().manual_seed(0), prep)
+    assert paired.view.shape == (24, 3, 32, 32) and torch.equal(paired.view[12:], paired.view[:12].flip(-1))
+
+
+def test_the_mirror_term_makes_a_network_answer_real_faces_and_their_mirror_images_alike():
+    from conftest import utkface_faces
+    from agecli.modeling.zoo import resolve_model_ref
+
+    # the shipped default answers a face and its mirror image about a year apart
+    model, spec = load_checkpoint(resolve_model_ref("default"))
+    images, _ = utkface_faces(48, spec.input_size, seed=3)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    encoding, loss = spec.build_encoding(), _loss([("mirror", 1.0, {})], encoding=spec.encoding["name"])
+    model.eval()   # batch norm keeps its statistics: only the weights learn the symmetry
+
+    def answers() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return encoding.predict(model(x)["age"]), encoding.predict(model(x.flip(-1))["age"])
+
+    plain, mirrored = answers()
+    before, spread = float((plain - mirrored).abs().mean()), float(plain.std())
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for _ in range(10):
+        value, _ = loss(model(torch.cat([x, x.flip(-1)])), _batch([20] * 96), x)
+        optimiser.zero_grad()
+        value.backward()
+        optimiser.step()
+    plain, mirrored = answers()
+    after = float((plain - mirrored).abs().mean())
+    assert before > 0.5 and after < 0.5 * before, (before, after)
+    assert float(plain.std()) > 0.8 * spread   # symmetric, not collapsed onto one answer
+
+
+def test_distill_with_mirror_pairs_trains_on_both_sides(teacher_setup):
+    run, teacher = teacher_setup
+    options = TrainOptions(epochs=2, max_batches=3, augment=True, **{**FAST, "batch_size": 16})
+    result = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2,
+                     teacher_mirror=True, mirror_pairs=True, name="pairs", options=options)
+    out = run / "distill" / "pairs"
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["teacher_inputs"] == "a bank of 2 augmented views per face, each crop with its mirror image"
+    assert [(t["name"], t["weight"]) for t in recipe["loss"]["terms"]][-1] == ("mirror", 4.0)
+    history = pd.read_csv(out / "history.csv")
+    assert np.isfinite(history["train_mirror"]).all() and result["metrics"]["student"]["n"] > 0
+    assert read_checkpoint(out / "best.pt")["spec"]["provenance"]["loss"][-1]["name"] == "mirror"
+    # a live teacher sees each side itself: no mirrored teacher needed
+    live = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, mirror_pairs=True,
+                   mirror_weight=1.0, name="pairs_live", options=options)
+    assert live["metrics"]["student"]["n"] > 0
+    # stored answers hold for the crop alone unless the teacher answers both sides alike
+    with pytest.raises(AgecliError, match="--teacher-mirror"):
+        distill(run, teachers=[str(teacher)], size=32, teacher_views=2, mirror_pairs=True, options=options)
+    with pytest.raises(AgecliError, match="--teacher-mirror"):
+        distill(run, teachers=[str(teacher)], size=32, mirror_pairs=True, options=replace(options, augment=False))
+
+
 def test_distill_options_are_one_source_for_keywords_and_validation():
     from agecli.options import DistillOptions
 

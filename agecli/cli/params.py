@@ -149,6 +149,13 @@ DISTILLATION: dict[str, Any] = {
     "teacher_mirror": Annotated[bool, _option("--teacher-mirror", panel=_KD,
                                               help="teachers answer each crop as the mean of their answers on it and "
                                                    "on its mirror image: steadier targets at twice the teacher's cost")],
+    "mirror_pairs": Annotated[bool, _option("--mirror-pairs", panel=_KD,
+                                            help="train on each crop and its mirror image in the same step, their "
+                                                 "answers pulled together (--mirror-weight): twice the inputs per "
+                                                 "step, so halve --batch-size to keep its cost; with a bank, needs "
+                                                 "--teacher-mirror")],
+    "mirror_weight": Annotated[float, _option(panel=_KD, help="mirror pairs: weight of the term between the "
+                                                              "two sides' age distributions")],
 }
 
 

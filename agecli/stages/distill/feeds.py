@@ -7,6 +7,8 @@
                   cut that crop at a larger teacher's resolution
 
 A feed is called as `feed(batch, x) -> TeacherOutput` (x: the student's input, for its device).
+`MirrorPairs` wraps any of fit's input functions so that every step also trains on the mirror
+image of each crop (options.mirror_pairs; the loss's "mirror" term pairs the two halves).
 
 Under options.robust_augment the student's input is also degraded (noise, blur, JPEG; see
 `agecli.data.batches.degrade`) but no teacher ever sees that: the table and the bank hold
@@ -18,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from agecli.data.batches import Augment, Batch, draw_augment, resize, to_unit
-from agecli.engine.loop import Preprocess, finish_input, plain_input
+from agecli.engine.loop import InputFn, Preprocess, finish_input, plain_input
 from agecli.errors import AgecliError
 from agecli.progress import ProgressFn
 from agecli.rundir import atomic_path
@@ -211,6 +213,32 @@ class CropForTeacher:
         view = to_unit(batch.images, max(self.view_size, prep.size), device=prep.device, augment=prep.augment,
                        generator=generator)
         return finish_input(replace(batch, view=view), resize(view, prep.size), generator, prep)
+
+
+class MirrorPairs:
+    """fit's input function around another (`inner`): the batch's B inputs followed by their
+    mirror images, 2B in all, every per-face field of the batch repeated to match. Row i + B is
+    row i mirrored, which the "mirror" loss term relies on. A live teacher's clean crop
+    (`batch.view`) is mirrored with it; stored teacher answers (a bank, a table) are looked up
+    by face and view, so the mirror image gets the crop's answer: exact only for a teacher
+    that answers both sides alike (--teacher-mirror), which the stage requires."""
+
+    def __init__(self, inner: InputFn | None = None):
+        self.inner = inner or plain_input
+
+    def __call__(self, batch: Batch, generator: torch.Generator, prep: Preprocess) -> tuple[Batch, torch.Tensor]:
+        batch, x = self.inner(batch, generator, prep)
+        doubled = {}
+        for f in fields(batch):
+            value = getattr(batch, f.name)
+            if f.name == "view" and value is not None:
+                doubled[f.name] = torch.cat([value, value.flip(-1)])
+            elif f.name != "images" and isinstance(value, torch.Tensor):
+                doubled[f.name] = torch.cat([value, value])
+        pair = torch.cat([x, x.flip(-1)])
+        if prep.channels_last:
+            pair = pair.contiguous(memory_format=torch.channels_last)
+        return replace(batch, **doubled), pair
 
 
 def teacher_on(teacher: Teacher, store, indices, device: str, progress: ProgressFn | None) -> TeacherOutput:

@@ -14,11 +14,14 @@ Each term prints its own formula (`DistillLoss.formula()`):
     ordinal  relation + rank: the student's features reproduce the ranking teacher's pairwise
              distances (RKD distance), its predicted ages follow the ranker's pairwise order
              where the known ages do not contradict it
+    mirror   (with mirror pairs) JS(p_s(x) || p_s(mirror x)): the student answers a crop and
+             its mirror image alike; for a regression student, the L1 between its two outputs
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -250,6 +253,29 @@ class OrdinalRelation(Term):
             if hinge is not None:
                 loss = loss + self.rank * hinge
         return loss
+
+
+@register_loss
+class MirrorConsistency(Term):
+    name = "mirror"
+    formula = ("JS(p_s(x) || p_s(mirror x)) over each crop and its mirror image  "
+               "(regression student: L1 between its two outputs)")
+
+    # A face network is not symmetric: the default answered UTKFace faces and their mirror
+    # images 1.2-1.3 years apart, and the mean of the two was 0.05-0.10 better. Flipped crops
+    # alone (augmentation) did not teach it the symmetry; this term asks for it directly.
+    def forward(self, ctx: Context) -> torch.Tensor:
+        out = ctx.outputs["age"]
+        if len(out) % 2:
+            raise RuntimeError("the mirror term needs mirror pairs: row i + B is row i mirrored (MirrorPairs)")
+        first, second = out.chunk(2)
+        log_a = ctx.encoding.log_distribution(first, 1.0)
+        if log_a is None:
+            return (first.float() - second.float()).abs().mean()   # in the units of the encoding's own L1
+        log_b = ctx.encoding.log_distribution(second, 1.0)
+        log_mean = torch.logsumexp(torch.stack([log_a, log_b]), 0) - math.log(2)
+        p_a, p_b = log_a.exp(), log_b.exp()
+        return 0.5 * ((p_a * (log_a - log_mean)).sum(1) + (p_b * (log_b - log_mean)).sum(1)).mean()
 
 
 class DistillLoss(nn.Module):

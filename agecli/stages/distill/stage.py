@@ -30,7 +30,8 @@ from agecli.progress import ProgressFn
 from agecli.rundir import resolve_run, write_csv, write_json
 from agecli.stages.common import (input_size, labelled, learned_from, load_best, model_spec, open_stage, output_name,
                                   predict_rows, require_faces, seeded_model, update_best, write_metrics)
-from agecli.stages.distill.feeds import CropForTeacher, LiveTeacher, TeacherTable, TeacherViews, teacher_on
+from agecli.stages.distill.feeds import (CropForTeacher, LiveTeacher, MirrorPairs, TeacherTable, TeacherViews,
+                                        teacher_on)
 from agecli.stages.distill.losses import DistillLoss, TeacherFeed, build_loss
 from agecli.stages.distill.ranker import train_rank_teacher
 from agecli.stages.distill.stores import ConcatStore, store_key
@@ -174,6 +175,11 @@ def _check_request(config: DistillOptions, options: TrainOptions, teachers: list
     if config.teacher_views and not options.augment:
         raise AgecliError("--teacher-views stores the teacher's outputs on augmented crops, but --no-augment is "
                           "set (and then the outputs are cached anyway): drop one of the two.")
+    if config.mirror_pairs and teachers and not config.teacher_mirror and (config.teacher_views or not options.augment):
+        # stored answers are looked up by face and crop: the mirror image would get the crop's answer
+        raise AgecliError("--mirror-pairs trains on each crop's mirror image too, but the teacher's answers are "
+                          "stored for the crop alone (--teacher-views, or --no-augment): add --teacher-mirror so "
+                          "they hold for both sides, or use --teacher-views 0 (the teacher then sees each side).")
     if config.teacher_views and "hint" in methods:
         # ordinal is fine: its ranking teacher runs live on the student's crop, the bank serves the soft term
         raise AgecliError("--teacher-views stores the teacher's age distributions only, which serve --method soft, "
@@ -261,13 +267,14 @@ class _Feeds:
     cache_dir: Path | None = None
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # the student's input (mean, std)
     notes: list[str] = field(default_factory=list)   # warnings of the ranking teacher's binding
+    mirror_pairs: bool = False                        # every step also trains on the crops' mirror images
 
     @classmethod
     def build(cls, teacher: Teacher | None, store, rows: _Rows, config: DistillOptions, options: TrainOptions,
               cache_dir: Path, device: str, norm, progress: ProgressFn | None) -> "_Feeds":
         # cache_dir is content-keyed: students with other seeds or losses share it
         feeds = cls(teacher, cached=not options.augment, store_size=store.size, device=device, cache_dir=cache_dir,
-                    norm=norm)
+                    norm=norm, mirror_pairs=config.mirror_pairs)
         if teacher is None:
             return feeds
         if config.teacher_views:
@@ -322,18 +329,22 @@ class _Feeds:
         return min(self.store_size, max(t.input_size for t in live)) if live else None
 
     def input_kind(self) -> str:
+        pairs = ", each crop with its mirror image" if self.mirror_pairs else ""
         if self.cached:
-            return "cached (no augmentation)"
+            return "cached (no augmentation)" + pairs
         if self.views:
-            return f"a bank of {self.views.views} augmented views per face"
-        return "live on the augmented batch"
+            return f"a bank of {self.views.views} augmented views per face" + pairs
+        return "live on the augmented batch" + pairs
 
     @property
     def make_input(self) -> InputFn | None:
-        """fit's input function: the view bank's crops, a crop at a live teacher's size, or plain."""
+        """fit's input function: the view bank's crops, a crop at a live teacher's size, or plain;
+        under mirror pairs, followed by their mirror images."""
         if self.views is not None:
-            return self.views.make_input
-        return CropForTeacher(self.view_size) if self.view_size else None
+            inner = self.views.make_input
+        else:
+            inner = CropForTeacher(self.view_size) if self.view_size else None
+        return MirrorPairs(inner) if self.mirror_pairs else inner
 
 
 def _loss(config: DistillOptions, store, gender: bool, enc: Encoding, feeds: _Feeds, model: torch.nn.Module,
@@ -350,6 +361,8 @@ def _loss(config: DistillOptions, store, gender: bool, enc: Encoding, feeds: _Fe
         terms.append(("pseudo", config.pseudo_weight, {"hard": config.pseudo_hard}))
     if "ordinal" in methods:
         terms.append(("ordinal", config.ordinal_weight, {}))
+    if config.mirror_pairs:
+        terms.append(("mirror", config.mirror_weight, {}))
     if "hint" in methods:
         widths = feature_widths(model, feeds.teacher, store, rows.train[:4], size, config.student_layer,
                                 feeds.norm)
