@@ -536,6 +536,27 @@ def test_distill_with_mirror_pairs_trains_on_both_sides(teacher_setup):
         distill(run, teachers=[str(teacher)], size=32, mirror_pairs=True, options=replace(options, augment=False))
 
 
+def test_a_run_started_before_an_option_existed_resumes_and_a_changed_option_is_refused(teacher_setup):
+    """A run interrupted under an older agecli records no value for options added since; it had
+    their defaults, so resuming it is no change (it was refused: 'config ... differ')."""
+    run, teacher = teacher_setup
+    options = TrainOptions(epochs=1, max_batches=2, augment=True, **FAST)
+    distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2, name="older",
+            options=options)
+    manifest = run / "distill" / "older" / "manifest.json"
+    record = json.loads(manifest.read_text())
+    for added in ("mirror_pairs", "mirror_weight", "teacher_mirror"):
+        del record["args"]["config"][added]
+    del record["args"]["options"]["robust_augment"]
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(AgecliError, match=r"differ from its start: --mirror-weight 4\.0 -> 2\.0\. Give them"):
+        distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2, name="older",
+                mirror_weight=2.0, options=replace(options, resume=True, epochs=2))
+    resumed = distill(run, teachers=[str(teacher)], student="squeezenet", size=32, teacher_views=2, name="older",
+                      options=replace(options, resume=True, epochs=2))
+    assert resumed["last_epoch"] == 2 and json.loads(manifest.read_text())["status"] == "complete"
+
+
 def test_distill_options_are_one_source_for_keywords_and_validation():
     from agecli.options import DistillOptions
 

@@ -31,7 +31,7 @@ from agecli.modeling.checkpoint import (ModelSpec, Seen, load_checkpoint, load_s
                                        save_checkpoint, sniff)
 from agecli.modeling.encodings import Encoding
 from agecli.modeling.zoo import resolve_model_ref
-from agecli.options import TrainOptions
+from agecli.options import DistillOptions, TrainOptions
 from agecli.progress import ProgressFn, log
 from agecli.rundir import Stage, check_name, json_default, unique_name, write_json
 from agecli.store import FaceStore, face_keys
@@ -177,6 +177,11 @@ RESUME_MAY_CHANGE = {"resume", "device", "threads", "workers", "val_batch_size",
                      "time_limit", "epochs", "patience", "precise_bn_batches"}
 
 
+# the options objects a run's args record: a field a later agecli added is missing from an
+# older run's record, where it had, in effect, its default (the behaviour before it existed)
+RECORDED_OPTIONS = {"options": TrainOptions, "config": DistillOptions}
+
+
 def check_resume(run: Path, kind: str, name: str, args: dict[str, Any]) -> None:
     """Refuse a --resume whose options would change what the run trains: they were not applied
     (the optimiser, schedule and sampler come back from last.pt) yet would be recorded as used."""
@@ -186,14 +191,23 @@ def check_resume(run: Path, kind: str, name: str, args: dict[str, Any]) -> None:
     before = json.loads(manifest.read_text()).get("args") or {}
     now = json.loads(json.dumps(args, default=json_default))
     changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
-               if key != "options" and before.get(key) != now.get(key)]
-    old, new = before.get("options") or {}, now.get("options") or {}
-    changed += [f"--{key.replace('_', '-')} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-                if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)]
+               if key not in RECORDED_OPTIONS and before.get(key) != now.get(key)]
+    for key, cls in RECORDED_OPTIONS.items():
+        old, new = before.get(key) or {}, now.get(key) or {}
+        defaults = json.loads(json.dumps(_option_defaults(cls), default=json_default))
+        changed += [f"--{field.replace('_', '-')} {old.get(field, defaults.get(field))!r} -> {new.get(field)!r}"
+                    for field in sorted(set(old) | set(new))
+                    if not (key == "options" and field in RESUME_MAY_CHANGE)
+                    and old.get(field, defaults.get(field)) != new.get(field)]
     if changed:
         raise AgecliError(f"--resume continues {run / kind / name} as it was started, but these differ from its "
                           f"start: {'; '.join(changed)}. Give them as they were to resume (only where and how "
                           "long it runs may change), or train a new model under another --name.")
+
+
+def _option_defaults(cls: type) -> dict[str, Any]:
+    """An options dataclass's fields at their defaults, as its `to_dict` records them."""
+    return cls().to_dict()
 
 
 @contextlib.contextmanager
