@@ -74,6 +74,7 @@ class TrainOptions:
     resume: bool = False                 # continue from out_dir/last.pt exactly where it stopped
     max_batches: int | None = None       # cap on steps per epoch (smoke tests, benchmarks)
     precise_bn_batches: int = 20         # re-estimate BatchNorm statistics on this many un-augmented batches before validating
+    ema: float = 0.0                     # validate and keep a moving average of the weights, this decay per step (0 = off)
 
     def __post_init__(self) -> None:
         check_range(self, {
@@ -91,6 +92,7 @@ class TrainOptions:
             "val_batch_size": (1, INF, "faces per step when validating"),
             "max_batches": (1, INF, "steps per epoch; leave it out for all"),
             "precise_bn_batches": (0, INF, "batches; 0 keeps the running statistics"),
+            "ema": (0, 0.99999, "the weight average's decay per step, e.g. 0.998; 0 = off"),
             "robust_augment": (0, 1, "the share of training faces degraded by noise, blur or JPEG; 0 = off"),
             "labelled_fraction": (Above(0), 1, "the share of training faces whose labels are kept; 1 = all"),
         })

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -99,6 +100,56 @@ def test_resume_continues_exactly(synthetic_run, tmp_path):
     ha = pd.read_csv(tmp_path / "straight" / "history.csv")
     hb = pd.read_csv(tmp_path / "resumed" / "history.csv")
     assert np.allclose(ha["train_loss"], hb["train_loss"]) and np.allclose(ha["val_mae"], hb["val_mae"])
+
+
+def test_weight_average_follows_the_weights_with_a_warm_up_and_swaps_them_in_and_out():
+    from agecli.engine.averaging import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(model, decay=0.9)
+    expected = model[0].weight.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            model[0].weight.normal_()
+        model.train()(torch.randn(4, 3))            # moves BatchNorm's statistics and step count
+        average.update()
+        decay = min(0.9, (1 + n) / (10 + n))         # a low decay at first: the start does not dominate
+        expected = decay * expected + (1 - decay) * model[0].weight.detach()
+    assert torch.allclose(average.shadow["0.weight"], expected, atol=1e-6)
+    assert int(average.shadow["1.num_batches_tracked"]) == 5   # counts are copied, not averaged
+    own = model[0].weight.detach().clone()
+    with average.applied():
+        assert torch.equal(model[0].weight, average.shadow["0.weight"])
+    assert torch.equal(model[0].weight, own)
+
+
+def test_fit_with_ema_keeps_the_average_as_best_and_resumes_it_exactly(synthetic_run, tmp_path):
+    options = TrainOptions(epochs=2, lr=5e-3, max_batches=3, ema=0.9, precise_bn_batches=0, **FAST)
+    store, model, spec = _setup(synthetic_run)
+    train_idx, no_val = store.indices("train"), []   # no val: every epoch is the best so far
+    fit(model, spec, store, train_idx, no_val, tmp_path / "straight", options)
+    last = read_checkpoint(tmp_path / "straight" / "last.pt")
+    best = read_checkpoint(tmp_path / "straight" / "best.pt")["state_dict"]
+    shadow = last["training_state"]["weight_average"]["shadow"]
+    assert last["training_state"]["weight_average"]["updates"] == 6
+    assert all(torch.equal(best[k], shadow[k]) for k in best)                   # best.pt: the average
+    assert any(not torch.equal(last["state_dict"][k], shadow[k]) for k in best)  # last.pt: the live weights
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_epoch_2(task, done, total):
+        if task.startswith("epoch 2"):
+            raise Interrupt
+
+    store, model, spec = _setup(synthetic_run)
+    with pytest.raises(Interrupt):
+        fit(model, spec, store, train_idx, no_val, tmp_path / "resumed", options, progress=stop_in_epoch_2)
+    store, model, spec = _setup(synthetic_run, seed=123)
+    fit(model, spec, store, train_idx, no_val, tmp_path / "resumed", replace(options, resume=True))
+    resumed = read_checkpoint(tmp_path / "resumed" / "best.pt")["state_dict"]
+    assert all(torch.equal(best[k], resumed[k]) for k in best)
 
 
 def test_nan_loss_names_epoch_batch_and_last_good_checkpoint(synthetic_run, tmp_path):
@@ -366,7 +417,9 @@ def test_checkpointer_keeps_best_and_last_and_a_fresh_one_resumes_everything(tmp
         ckpt.history.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_mae": mae})
         ckpt.walls.append(float(epoch))
         improved = ckpt.improved(epoch, {"mae": mae}, has_val=True)
-        ckpt.save(epoch, {"mae": mae}, improved, {"marker": epoch})
+        if improved:
+            ckpt.save_best(epoch, {"mae": mae})
+        ckpt.save_last(epoch, {"mae": mae}, {"marker": epoch})
     assert (ckpt.best_epoch, ckpt.best_mae, ckpt.stale, ckpt.should_stop()) == (2, 4.0, 1, False)
     best = read_checkpoint(tmp_path / "best.pt")
     assert best["spec"]["metrics"] == {"split": "val", "epoch": 2, "mae": 4.0} and "training_state" not in best

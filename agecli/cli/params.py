@@ -113,6 +113,8 @@ TRAINING: dict[str, Any] = {
                                                                       "[default: all]")],
     "precise_bn_batches": Annotated[int, _option(panel=_LOOP, help="re-estimate BatchNorm statistics on this many "
                                                                    "un-augmented batches before validating")],
+    "ema": Annotated[float, _option(panel=_LOOP, help="validate and keep (best.pt) a moving average of the weights "
+                                                      "with this decay per step, e.g. 0.998 [0: off]")],
 }
 
 # --------------------------------------------------------------------------- DistillOptions

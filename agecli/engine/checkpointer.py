@@ -91,12 +91,13 @@ class Checkpointer:
         return self.options.patience is not None and self.stale >= self.options.patience
 
     # ------------------------------------------------------------------ files
-    def save(self, epoch: int, metrics: dict[str, Any], improved: bool, loop_state: dict[str, Any]) -> None:
-        """Write best.pt (when improved), last.pt with the training state, history.csv and its plot.
-        `loop_state`: the optimiser, scheduler, scaler and random-number states."""
-        if improved:
-            self.spec.metrics = {"split": "val", "epoch": epoch, **metrics}
-            save_checkpoint(self.best_path, self.model, self.spec, seen=self.seen)
+    def save_best(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """best.pt: the model's weights now, with `metrics` as its val metrics."""
+        self.spec.metrics = {"split": "val", "epoch": epoch, **metrics}
+        save_checkpoint(self.best_path, self.model, self.spec, seen=self.seen)
+
+    def save_last(self, epoch: int, metrics: dict[str, Any], loop_state: dict[str, Any]) -> None:
+        """last.pt with the training state, history.csv and its plot."""
         state = {"epoch": epoch, **loop_state, "history": self.history, "best_value": self.best_value,
                  "best_epoch": self.best_epoch, "stale": self.stale, "best_metrics": self.spec.metrics,
                  "options": self.options.to_dict(), "walls": self.walls}

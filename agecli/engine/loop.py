@@ -19,6 +19,7 @@ Distributed data parallel comes for free under `torchrun` (see agecli.engine.dis
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from agecli.data.batches import Augment, Batch, Batches, degrade, normalise, to_input, to_unit
 from agecli.device import require_device
 from agecli.engine import distributed
+from agecli.engine.averaging import WeightAverage
 from agecli.engine.checkpointer import Checkpointer, Monitor, Stateful, rng_state, set_rng_state
 from agecli.engine.inference import predict_store
 from agecli.engine.metrics import score
@@ -121,6 +123,7 @@ class Stepper:
     amp_dtype: torch.dtype
     use_amp: bool
     clip_grad: float | None
+    average: WeightAverage | None = None   # options.ema: updated after every step
 
     def __call__(self, x: torch.Tensor, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
@@ -135,6 +138,8 @@ class Stepper:
             torch.nn.utils.clip_grad_norm_(self.params(), self.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update()
         return loss, parts
 
 
@@ -295,6 +300,8 @@ def fit(model: torch.nn.Module, spec: ModelSpec, store: FaceStore, train_idx, va
         model = model.to(memory_format=torch.channels_last)
     step = _stepper(model, options, on_cuda, steps)
     budget = TimeBudget(options.time_limit, step.scheduler.lr_lambdas[0], steps)
+    if step.average is not None:   # last.pt carries the average, so a resumed run continues it
+        extra_state = {**(extra_state or {}), "weight_average": step.average}
     checkpointer = Checkpointer(out_dir, model, spec, options, extra_state, monitor, seen)
     start_epoch = 1
     if options.resume and checkpointer.last_path.exists():
@@ -341,7 +348,9 @@ def _stepper(model: torch.nn.Module, options: TrainOptions, on_cuda: bool, steps
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
     use_amp = options.amp and on_cuda
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    return Stepper(model, model.parameters, optimizer, scheduler, scaler, amp_dtype, use_amp, options.clip_grad)
+    average = WeightAverage(model, options.ema) if options.ema else None
+    return Stepper(model, model.parameters, optimizer, scheduler, scaler, amp_dtype, use_amp, options.clip_grad,
+                   average)
 
 
 def _resume(checkpointer: Checkpointer, step: Stepper, generator: torch.Generator) -> int:
@@ -380,25 +389,35 @@ def _epoch(run: _Run, epoch: int, progress: ProgressFn | None) -> bool:
         row[f"train_{key}"] = distributed.all_mean(value / max(1, seen), world,
                                                    device if device.startswith("cuda") else "cpu")
     row["train_images_per_s"] = seen * world.world_size / max(seconds, 1e-9)
-    recalibrate_batchnorm(run.model, run.store, run.train_idx, run.spec, device, options.precise_bn_batches,
-                          options.val_batch_size)
-    metrics: dict[str, Any] = {}
-    if world.main and len(run.val_idx):
-        metrics = run.validate_fn(run.model, run.spec, run.store, run.val_idx, device, options.val_batch_size)
-        row.update({f"val_{k}": v for k, v in metrics.items() if k in VAL_COLUMNS or k == checkpointer.monitor.key})
-    row["seconds"] = seconds
-    checkpointer.history.append(row)
-    checkpointer.walls.append(time.perf_counter() - epoch_started)
-    cut = run.budget.replan(epoch, checkpointer.walls, world)
-    if cut is not None:
-        row["planned_epochs"] = cut
-    improved = checkpointer.improved(epoch, metrics, has_val=len(run.val_idx) > 0)
+    with _validated_weights(run):   # under options.ema, the average is what is measured and kept as best.pt
+        recalibrate_batchnorm(run.model, run.store, run.train_idx, run.spec, device, options.precise_bn_batches,
+                              options.val_batch_size)
+        metrics: dict[str, Any] = {}
+        if world.main and len(run.val_idx):
+            metrics = run.validate_fn(run.model, run.spec, run.store, run.val_idx, device, options.val_batch_size)
+            row.update({f"val_{k}": v for k, v in metrics.items()
+                        if k in VAL_COLUMNS or k == checkpointer.monitor.key})
+        row["seconds"] = seconds
+        checkpointer.history.append(row)
+        checkpointer.walls.append(time.perf_counter() - epoch_started)
+        cut = run.budget.replan(epoch, checkpointer.walls, world)
+        if cut is not None:
+            row["planned_epochs"] = cut
+        improved = checkpointer.improved(epoch, metrics, has_val=len(run.val_idx) > 0)
+        if world.main and improved:
+            checkpointer.save_best(epoch, metrics)
     if world.main:
         step = run.step
-        checkpointer.save(epoch, metrics, improved, {
+        checkpointer.save_last(epoch, metrics, {
             "optimizer": step.optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
             "scaler": step.scaler.state_dict(), "rng": rng_state(run.plan.generator)})
     return distributed.broadcast(checkpointer.should_stop(), world)
+
+
+def _validated_weights(run: _Run) -> contextlib.AbstractContextManager:
+    """The weights an epoch is validated and checkpointed with: the moving average under
+    options.ema (the model's own come back for training), else the model's own."""
+    return run.step.average.applied() if run.step.average is not None else contextlib.nullcontext()
 
 
 def _train_timed(run: _Run, epoch: int, progress: ProgressFn | None) -> tuple[dict[str, float], int, float]:
