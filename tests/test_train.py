@@ -72,12 +72,9 @@ def _setup(run, seed=0):
     return store, model, spec
 
 
-def test_resume_continues_exactly(synthetic_run, tmp_path):
-    options = TrainOptions(epochs=2, lr=5e-3, max_batches=2, **FAST)
-    store, model, spec = _setup(synthetic_run)
-    train_idx, val_idx = store.indices("train"), store.indices("val")[:16]
-    fit(model, spec, store, train_idx, val_idx, tmp_path / "straight", options)
-
+def _interrupted_in_epoch_2_then_resumed(run, train_idx, val_idx, out_dir, options) -> dict:
+    """fit stopped during epoch 2, then resumed from a model of another init: everything the
+    rest of the run needs must come from last.pt."""
     class Interrupt(Exception):
         pass
 
@@ -85,13 +82,20 @@ def test_resume_continues_exactly(synthetic_run, tmp_path):
         if task.startswith("epoch 2"):
             raise Interrupt
 
-    store, model, spec = _setup(synthetic_run)
+    store, model, spec = _setup(run)
     with pytest.raises(Interrupt):
-        fit(model, spec, store, train_idx, val_idx, tmp_path / "resumed", options, progress=stop_in_epoch_2)
-    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["training_state"]["epoch"] == 1
-    store, model, spec = _setup(synthetic_run, seed=123)  # different init: everything must come from last.pt
-    result = fit(model, spec, store, train_idx, val_idx, tmp_path / "resumed",
-                 TrainOptions(**{**options.to_dict(), "resume": True}))
+        fit(model, spec, store, train_idx, val_idx, out_dir, options, progress=stop_in_epoch_2)
+    assert read_checkpoint(out_dir / "last.pt")["training_state"]["epoch"] == 1
+    store, model, spec = _setup(run, seed=123)
+    return fit(model, spec, store, train_idx, val_idx, out_dir, replace(options, resume=True))
+
+
+def test_resume_continues_exactly(synthetic_run, tmp_path):
+    options = TrainOptions(epochs=2, lr=5e-3, max_batches=2, **FAST)
+    store, model, spec = _setup(synthetic_run)
+    train_idx, val_idx = store.indices("train"), store.indices("val")[:16]
+    fit(model, spec, store, train_idx, val_idx, tmp_path / "straight", options)
+    result = _interrupted_in_epoch_2_then_resumed(synthetic_run, train_idx, val_idx, tmp_path / "resumed", options)
     assert result["last_epoch"] == 2 and result["epochs_run"] == 1
     a = read_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
     b = read_checkpoint(tmp_path / "resumed" / "last.pt")["state_dict"]
@@ -135,19 +139,7 @@ def test_fit_with_ema_keeps_the_average_as_best_and_resumes_it_exactly(synthetic
     assert last["training_state"]["weight_average"]["updates"] == 6
     assert all(torch.equal(best[k], shadow[k]) for k in best)                   # best.pt: the average
     assert any(not torch.equal(last["state_dict"][k], shadow[k]) for k in best)  # last.pt: the live weights
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_in_epoch_2(task, done, total):
-        if task.startswith("epoch 2"):
-            raise Interrupt
-
-    store, model, spec = _setup(synthetic_run)
-    with pytest.raises(Interrupt):
-        fit(model, spec, store, train_idx, no_val, tmp_path / "resumed", options, progress=stop_in_epoch_2)
-    store, model, spec = _setup(synthetic_run, seed=123)
-    fit(model, spec, store, train_idx, no_val, tmp_path / "resumed", replace(options, resume=True))
+    _interrupted_in_epoch_2_then_resumed(synthetic_run, train_idx, no_val, tmp_path / "resumed", options)
     resumed = read_checkpoint(tmp_path / "resumed" / "best.pt")["state_dict"]
     assert all(torch.equal(best[k], resumed[k]) for k in best)
 
