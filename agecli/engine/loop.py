@@ -389,23 +389,22 @@ def _epoch(run: _Run, epoch: int, progress: ProgressFn | None) -> bool:
         row[f"train_{key}"] = distributed.all_mean(value / max(1, seen), world,
                                                    device if device.startswith("cuda") else "cpu")
     row["train_images_per_s"] = seen * world.world_size / max(seconds, 1e-9)
+    metrics: dict[str, Any] = {}
     with _validated_weights(run):   # under options.ema, the average is what is measured and kept as best.pt
         recalibrate_batchnorm(run.model, run.store, run.train_idx, run.spec, device, options.precise_bn_batches,
                               options.val_batch_size)
-        metrics: dict[str, Any] = {}
         if world.main and len(run.val_idx):
             metrics = run.validate_fn(run.model, run.spec, run.store, run.val_idx, device, options.val_batch_size)
-            row.update({f"val_{k}": v for k, v in metrics.items()
-                        if k in VAL_COLUMNS or k == checkpointer.monitor.key})
-        row["seconds"] = seconds
-        checkpointer.history.append(row)
-        checkpointer.walls.append(time.perf_counter() - epoch_started)
-        cut = run.budget.replan(epoch, checkpointer.walls, world)
-        if cut is not None:
-            row["planned_epochs"] = cut
         improved = checkpointer.improved(epoch, metrics, has_val=len(run.val_idx) > 0)
         if world.main and improved:
             checkpointer.save_best(epoch, metrics)
+    row.update({f"val_{k}": v for k, v in metrics.items() if k in VAL_COLUMNS or k == checkpointer.monitor.key})
+    row["seconds"] = seconds
+    checkpointer.history.append(row)
+    checkpointer.walls.append(time.perf_counter() - epoch_started)
+    cut = run.budget.replan(epoch, checkpointer.walls, world)
+    if cut is not None:
+        row["planned_epochs"] = cut
     if world.main:
         step = run.step
         checkpointer.save_last(epoch, metrics, {
