@@ -101,7 +101,9 @@ def test_checkpointer_monitor_picks_the_highest_when_higher_is_better(tmp_path):
                         monitor=Monitor("rank_accuracy", higher_is_better=True))
     for epoch, acc in enumerate((0.6, 0.7, 0.65, 0.69), 1):
         ckpt.history.append({"epoch": epoch, "train_loss": 1.0, "val_rank_accuracy": acc})
-        ckpt.save(epoch, {"rank_accuracy": acc}, ckpt.improved(epoch, {"rank_accuracy": acc}, True), {})
+        if ckpt.improved(epoch, {"rank_accuracy": acc}, True):
+            ckpt.save_best(epoch, {"rank_accuracy": acc})
+        ckpt.save_last(epoch, {"rank_accuracy": acc}, {})
     assert (ckpt.best_epoch, ckpt.best_value, ckpt.stale, ckpt.should_stop()) == (2, 0.7, 2, True)
     assert read_checkpoint(tmp_path / "best.pt")["spec"]["metrics"]["epoch"] == 2
     again = Checkpointer(tmp_path, torch.nn.Linear(2, 1), spec, TrainOptions(patience=2),
