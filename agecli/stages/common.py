@@ -194,7 +194,7 @@ def check_resume(run: Path, kind: str, name: str, args: dict[str, Any]) -> None:
                if key not in RECORDED_OPTIONS and before.get(key) != now.get(key)]
     for key, cls in RECORDED_OPTIONS.items():
         old, new = before.get(key) or {}, now.get(key) or {}
-        defaults = json.loads(json.dumps(_option_defaults(cls), default=json_default))
+        defaults = json.loads(json.dumps(cls().to_dict(), default=json_default))
         changed += [f"--{field.replace('_', '-')} {old.get(field, defaults.get(field))!r} -> {new.get(field)!r}"
                     for field in sorted(set(old) | set(new))
                     if not (key == "options" and field in RESUME_MAY_CHANGE)
@@ -203,11 +203,6 @@ def check_resume(run: Path, kind: str, name: str, args: dict[str, Any]) -> None:
         raise AgecliError(f"--resume continues {run / kind / name} as it was started, but these differ from its "
                           f"start: {'; '.join(changed)}. Give them as they were to resume (only where and how "
                           "long it runs may change), or train a new model under another --name.")
-
-
-def _option_defaults(cls: type) -> dict[str, Any]:
-    """An options dataclass's fields at their defaults, as its `to_dict` records them."""
-    return cls().to_dict()
 
 
 @contextlib.contextmanager
