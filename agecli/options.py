@@ -74,7 +74,7 @@ class TrainOptions:
     resume: bool = False                 # continue from out_dir/last.pt exactly where it stopped
     max_batches: int | None = None       # cap on steps per epoch (smoke tests, benchmarks)
     precise_bn_batches: int = 20         # re-estimate BatchNorm statistics on this many un-augmented batches before validating
-    ema: float = 0.0                     # validate and keep a moving average of the weights, this decay per step (0 = off)
+    ema: float = 0.0                     # decay per step of a weight average validated and kept as best.pt (0 = off)
 
     def __post_init__(self) -> None:
         check_range(self, {
