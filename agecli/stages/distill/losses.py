@@ -276,8 +276,7 @@ class MirrorConsistency(Term):
             return (first.float() - second.float()).abs().mean()   # in the units of the encoding's own L1
         log_b = ctx.encoding.log_distribution(second, 1.0)
         log_mean = torch.logsumexp(torch.stack([log_a, log_b]), 0) - math.log(2)
-        p_a, p_b = log_a.exp(), log_b.exp()
-        return 0.5 * ((p_a * (log_a - log_mean)).sum(1) + (p_b * (log_b - log_mean)).sum(1)).mean()
+        return 0.5 * (_kl(log_a.exp(), log_mean) + _kl(log_b.exp(), log_mean)).mean()
 
 
 class DistillLoss(nn.Module):
