@@ -75,6 +75,7 @@ class TrainOptions:
     max_batches: int | None = None       # cap on steps per epoch (smoke tests, benchmarks)
     precise_bn_batches: int = 20         # re-estimate BatchNorm statistics on this many un-augmented batches before validating
     ema: float = 0.0                     # decay per step of a weight average validated and kept as best.pt (0 = off)
+    layer_decay: float = 1.0             # each backbone layer's lr this times the one above it (1 = one lr for all)
 
     def __post_init__(self) -> None:
         check_range(self, {
@@ -93,6 +94,7 @@ class TrainOptions:
             "max_batches": (1, INF, "steps per epoch; leave it out for all"),
             "precise_bn_batches": (0, INF, "batches; 0 keeps the running statistics"),
             "ema": (0, 0.99999, "the weight average's decay per step, e.g. 0.998; 0 = off"),
+            "layer_decay": (Above(0), 1, "each layer's share of the learning rate of the layer above, e.g. 0.7; 1 = off"),
             "robust_augment": (0, 1, "the share of training faces degraded by noise, blur or JPEG; 0 = off"),
             "labelled_fraction": (Above(0), 1, "the share of training faces whose labels are kept; 1 = all"),
         })

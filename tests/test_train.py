@@ -90,8 +90,9 @@ def _interrupted_in_epoch_2_then_resumed(run, train_idx, val_idx, out_dir, optio
     return fit(model, spec, store, train_idx, val_idx, out_dir, replace(options, resume=True))
 
 
-def test_resume_continues_exactly(synthetic_run, tmp_path):
-    options = TrainOptions(epochs=2, lr=5e-3, max_batches=2, **FAST)
+@pytest.mark.parametrize("layer_decay", [1.0, 0.5])
+def test_resume_continues_exactly(synthetic_run, tmp_path, layer_decay):
+    options = TrainOptions(epochs=2, lr=5e-3, max_batches=2, layer_decay=layer_decay, **FAST)
     store, model, spec = _setup(synthetic_run)
     train_idx, val_idx = store.indices("train"), store.indices("val")[:16]
     fit(model, spec, store, train_idx, val_idx, tmp_path / "straight", options)
@@ -142,6 +143,36 @@ def test_fit_with_ema_keeps_the_average_as_best_and_resumes_it_exactly(synthetic
     _interrupted_in_epoch_2_then_resumed(synthetic_run, train_idx, no_val, tmp_path / "resumed", options)
     resumed = read_checkpoint(tmp_path / "resumed" / "best.pt")["state_dict"]
     assert all(torch.equal(best[k], resumed[k]) for k in best)
+
+
+def test_layer_decay_groups_the_backbone_by_depth_and_scales_each_layers_first_step(synthetic_run, tmp_path):
+    from agecli.engine.optim import layer_ids
+
+    enc = build_encoding("ldae")
+    facerec = build_model("dlib_facerec", enc, gender=True)
+    ids = layer_ids([name for name, _ in facerec.named_parameters()])
+    layer = {name.rsplit(".", 1)[0]: depth for name, depth in ids.items()}
+    assert layer["backbone.body.stem"] == 0 and layer["backbone.body.stages.0.0.conv1"] == 1
+    assert layer["backbone.body.stages.1.0.conv1"] == layer["backbone.body.stages.1.3.conv2"] == 2   # a stage is a layer
+    assert layer["backbone.body.stages.3.2.conv2"] == 4
+    assert layer["backbone.norm"] == layer["age_head"] == layer["gender_head"] == 5   # new layers learn at the full rate
+
+    def first_step(decay):   # AdamW's first step moves every weight by about its lr, whatever its gradient
+        store, model, spec = _setup(synthetic_run)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        options = TrainOptions(epochs=1, lr=5e-3, max_batches=1, weight_decay=0, layer_decay=decay,
+                               precise_bn_batches=0, clip_grad=0, **FAST)
+        fit(model, spec, store, store.indices("train"), [], tmp_path / f"decay{decay}", options)
+        moved = dict(model.named_parameters())
+        return {name: (moved[name].detach() - before[name]).abs().max().item() for name in before}
+
+    plain, decayed = first_step(1.0), first_step(0.5)
+    ids = layer_ids(list(plain))
+    top = max(ids.values())
+    stem, head = min(ids, key=ids.get), next(name for name in ids if name.startswith("age_head"))
+    assert plain[stem] > 0 and plain[head] > 0
+    assert decayed[head] == pytest.approx(plain[head], rel=1e-3)
+    assert decayed[stem] == pytest.approx(plain[stem] * 0.5 ** top, rel=1e-3)
 
 
 def test_nan_loss_names_epoch_batch_and_last_good_checkpoint(synthetic_run, tmp_path):

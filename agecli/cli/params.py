@@ -115,6 +115,9 @@ TRAINING: dict[str, Any] = {
                                                                    "un-augmented batches before validating")],
     "ema": Annotated[float, _option(panel=_LOOP, help="validate and keep (best.pt) a moving average of the weights "
                                                       "with this decay per step, e.g. 0.998 [0: off]")],
+    "layer_decay": Annotated[float, _option(panel=_LOOP, help="layer-wise lr decay for fine-tuning: each backbone "
+                                                              "layer learns at this times the rate of the one above "
+                                                              "it, the heads at --lr, e.g. 0.7 [1: off]")],
 }
 
 # --------------------------------------------------------------------------- DistillOptions

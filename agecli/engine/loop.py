@@ -384,7 +384,7 @@ def _epoch(run: _Run, epoch: int, progress: ProgressFn | None) -> bool:
     totals, seen, seconds = _train_timed(run, epoch, progress)
     run.train_seconds += seconds
     run.images_seen += seen * world.world_size
-    row: dict[str, Any] = {"epoch": epoch, "lr": run.step.optimizer.param_groups[0]["lr"]}
+    row: dict[str, Any] = {"epoch": epoch, "lr": max(group["lr"] for group in run.step.optimizer.param_groups)}
     for key, value in totals.items():
         row[f"train_{key}"] = distributed.all_mean(value / max(1, seen), world,
                                                    device if device.startswith("cuda") else "cpu")

@@ -1,6 +1,7 @@
 """The optimiser, its learning-rate schedule and the time budget that can shorten it.
 
-    make_optimizer(model, options)          AdamW or SGD (Nesterov); no weight decay on norms/biases
+    make_optimizer(model, options)          AdamW or SGD (Nesterov); no weight decay on norms/biases;
+                                            with options.layer_decay < 1, lower rates for earlier layers
     make_scheduler(optimizer, options, n)   linear warm-up, then cosine to 1% (`CosineSchedule`)
     epochs_within(limit_s, walls, planned)  how many epochs fit in a time limit
     TimeBudget                              cuts the planned epochs and the cosine after each epoch
@@ -18,17 +19,60 @@ from agecli.errors import AgecliError
 from agecli.options import TrainOptions
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weights only: biases and norm scales (1-d tensors) are left alone."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """Weight decay on weights only: biases and norm scales (1-d tensors) are left alone.
+
+    `layer_decay` < 1 (layer-wise learning-rate decay, as BEiT and timm fine-tune): the heads
+    keep the full rate and each backbone layer below them (`layer_ids`) gets `layer_decay`
+    times the rate of the one above, so a pretrained stem moves least. Each group carries its
+    scale in `lr_scale`; its "lr" starts at that share of the peak, which the schedule scales."""
+    if layer_decay == 1.0:   # two groups, as every run before layer decay existed (their last.pt resumes)
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ids = layer_ids([name for name, _ in named])
+    top = max(ids.values(), default=0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in sorted(named, key=lambda item: -ids[item[0]]):   # the heads' full rate first
+        decays = p.ndim > 1
+        group = groups.setdefault((ids[name], decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                        "lr_scale": layer_decay ** (top - ids[name])})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def layer_ids(names: list[str]) -> dict[str, int]:
+    """Depth of each parameter, 0 at the input, counted in the order the model registers them.
+
+    A backbone layer is the module path up to its first numbered child (`backbone.features.3`,
+    `backbone.body.stages.1`: a torchvision feature block, a dlib stage), or the parameter's own
+    module before the first numbered one (a stem conv). The heads, and what follows the last
+    numbered layer (a final norm on the pooled features, new as the heads are), are the top
+    layer, one above the last."""
+    ids: dict[str, int] = {}
+    layers: dict[str, int] = {}
+    top, numbered_seen = [], False
+    for name in names:
+        parts = name.split(".")
+        numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if parts[0] != "backbone" or (numbered is None and numbered_seen):
+            top.append(name)
+            continue
+        numbered_seen |= numbered is not None
+        key = ".".join(parts[:numbered + 1] if numbered is not None else parts[:-1])
+        ids[name] = layers.setdefault(key, len(layers))
+    for name in top:
+        ids[name] = len(layers)
+    return ids
 
 
 def make_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
-    groups = param_groups(model, options.weight_decay)
+    groups = param_groups(model, options.weight_decay, options.layer_decay)
+    for group in groups:
+        group["lr"] = options.lr * group.get("lr_scale", 1.0)
     if options.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=options.lr)
     if options.optimizer == "sgd":
