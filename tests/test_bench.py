@@ -272,3 +272,58 @@ def test_add_measures_only_new_models_and_keeps_the_others(tmp_path, bench_run):
         bench(run, add=True, models=[str(student)], **{**opts, "corruption_limit": 10})
     assert (out / "bench.json").read_bytes() == before, "a refused --add leaves the bench as it was"
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_mirror_scores_and_times_each_face_with_its_mirror_image(tmp_path, bench_run, monkeypatch):
+    """`mirror=True`: the error is that of the mirrored answers and every timed call runs the
+    faces and their mirror images; an older bench without the setting counts as unmirrored."""
+    import shutil
+
+    from agecli.engine.inference import predict_store
+    from agecli.engine.metrics import score
+    from agecli.modeling.checkpoint import load_checkpoint
+    from agecli.stages.bench import measure
+    from agecli.store import FaceStore
+
+    run = tmp_path / "run"
+    shutil.copytree(bench_run, run, ignore=shutil.ignore_patterns("bench", "report.md", ".lock*"))
+    student, teacher = run / "distill" / "shufflenet" / "best.pt", run / "train" / "mobilenet_v3_small" / "best.pt"
+    timed_batches = []
+    original = measure.time_torch
+
+    def spy(row, model, inputs_by_batch, setup):
+        timed_batches.append({b: len(x) for b, x in inputs_by_batch.items()})
+        return original(row, model, inputs_by_batch, setup)
+
+    monkeypatch.setattr(measure, "time_torch", spy)
+    opts = dict(backends=("eager", "onnxruntime"), threads=2, warmup=1, repeats=3, batch_sizes=(1, 4),
+                include_reference=False)
+    mirrored = bench(run, models=[str(student)], mirror=True, **opts)
+    assert timed_batches == [{1: 2, 4: 8}], "a batch of N faces is timed as N faces and N mirror images"
+    store = FaceStore.open(run)
+    model, spec = load_checkpoint(student)
+    plain = score(predict_store(model, spec, store, store.indices("test")))["mae"]
+    both = score(predict_store(model, spec, store, store.indices("test"), mirror=True))["mae"]
+    assert both != pytest.approx(plain, abs=1e-6)
+    for row in mirrored["rows"]:
+        assert row["status"] == "ok" and row["mirror"] is True and row["latency_batch"] == 1, row
+        assert row["mae"] == pytest.approx(both, abs=1e-6)
+    assert json.loads((run / "bench" / "bench.json").read_text())["mirror"] is True
+    assert "mirror image" in (run / "report.md").read_text()
+
+    image = np.random.default_rng(0).random((2, 3, 4, 5), dtype=np.float32)
+    for x in (image, torch.from_numpy(image)):
+        doubled = np.asarray(measure.with_mirror(x, True))
+        assert doubled.shape == (4, 3, 4, 5) and np.array_equal(doubled[2:], image[..., ::-1])
+        assert measure.with_mirror(x, False) is x
+
+    with pytest.raises(AgecliError, match=r"mirror: True there, False now"):
+        bench(run, add=True, models=[str(teacher)], mirror=False, **opts, report=False)
+    bench(run, models=[str(student)], **opts, report=False)   # measured plainly, then made to look older
+    manifest_path = run / "bench" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["args"]["mirror"]
+    manifest_path.write_text(json.dumps(manifest))
+    added = bench(run, add=True, models=[str(teacher)], **opts, report=False)
+    assert {r["model"] for r in added["rows"]} == {"shufflenet", "mobilenet_v3_small"}
+    assert not any(r["mirror"] for r in added["rows"] if r["model"] == "mobilenet_v3_small")

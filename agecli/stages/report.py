@@ -289,7 +289,10 @@ def _bench_setting(data: dict[str, Any]) -> str:
             f"{machine.get('onnxruntime')}. {data.get('test_faces')} test faces. Latency: median and p95 of "
             f"{timing.get('repeats')} calls at batch {timing.get('batch_sizes', [1])[0]} after {timing.get('warmup')} "
             f"warm-up calls ({timing.get('clock')}); throughput at batch {timing.get('batch_sizes', [0])[-1]}. "
-            f"Memory: {', '.join(timing.get('memory', []))}.\n\n")
+            f"Memory: {', '.join(timing.get('memory', []))}."
+            + (" Every model answered each face as the mean over it and its mirror image (`--mirror`): "
+               "errors are of those answers, and each call ran both images of every face." if data.get("mirror") else "")
+            + "\n\n")
 
 
 # --------------------------------------------------------------------------- the paper's claims

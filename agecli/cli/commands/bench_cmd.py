@@ -162,6 +162,10 @@ def bench_command(
     warmup: Optional[int] = typer.Option(None, min=0, help="untimed calls before timing [default: 10]"),
     repeats: Optional[int] = typer.Option(None, min=1, help="timed calls at the latency batch [default: 50]"),
     seed: Optional[int] = typer.Option(None, min=0, help="seed of the corruptions [default: 0]"),
+    mirror: Optional[bool] = typer.Option(None, "--mirror/--no-mirror",
+                                          help="every model answers each face as the mean over it and its mirror "
+                                               "image (predict --mirror): scored so, and timed per face at twice "
+                                               "the images [default: no]"),
     add: bool = typer.Option(False, "--add", help="measure only --models (else the run's models RUN/bench lacks) "
                                                   "and keep the bench's other rows; options not given are that "
                                                   "bench's, and other options or another machine are refused"),
@@ -178,7 +182,7 @@ def bench_command(
                         batch_sizes=_ints(batch_sizes, "batch-sizes"),
                         backends=tuple(plain(backend)) if backend else None,
                         include_reference=not no_reference, warmup=warmup, repeats=repeats, seed=seed,
-                        add=add, progress=progress)
+                        mirror=mirror, add=add, progress=progress)
     if as_json:
         from agecli.cli.commands import emit_json
 

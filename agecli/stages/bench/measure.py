@@ -5,6 +5,11 @@ and is left out of the latency) and "onnxruntime" (exported with `agecli.stages.
 parity-checked). Latency is the median and p95 at the smallest batch, throughput comes from
 the largest; every model is timed on the same faces (`BenchSetup.faces`). A backend that
 fails is reported in its row, not raised.
+
+`mirror`: every model answers each face as the mean over it and its mirror image (as
+`predict --mirror`, `eval --mirror` and `--teacher-mirror` do): its error is scored that way
+and each timed call runs both images of every face, so a batch of N faces is 2N images and
+latency and throughput stay per face.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ DEFAULT_BACKENDS = ("eager", "onnxruntime")   # compile: on request (minutes to 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "device": "cpu", "threads": None, "batch_sizes": (1, 32), "backends": DEFAULT_BACKENDS, "warmup": 10,
     "repeats": 50, "corruptions": False, "severities": (1, 2, 3, 4, 5), "corruption_names": None,
-    "corruption_limit": 500, "seed": 0}
+    "corruption_limit": 500, "seed": 0, "mirror": False}
 
 # (store, indices) -> predicted ages: how the robustness check re-runs a model on corrupted faces
 Predictor = Callable[[Any, np.ndarray], np.ndarray]
@@ -51,6 +56,7 @@ class BenchSetup:
     warmup: int
     repeats: int
     labelled: bool             # the test faces have age labels
+    mirror: bool = False       # each face answered with its mirror image too, averaged
 
     @property
     def small(self) -> int:
@@ -128,10 +134,19 @@ def time_onnx(row: dict[str, Any], cand: Candidate, spec, setup: BenchSetup) -> 
     exported = load_exported(path, device=setup.device, threads=setup.threads)
     record_providers(row, exported.providers or [])
     small, big = setup.small, setup.big
-    x = {b: to_unit(setup.faces[:b].numpy(), spec.input_size) for b in setup.batch_sizes}
+    x = {b: with_mirror(to_unit(setup.faces[:b].numpy(), spec.input_size), setup.mirror) for b in setup.batch_sizes}
     t1, tb = time_batches(setup, lambda: exported.run(x[small]), lambda: exported.run(x[big]))
     mem, method = onnx_peak_memory(path, "images", x[big], setup.device, setup.threads)
     fill_times(row, t1, tb, setup, mem, method)
+
+
+def with_mirror(images: np.ndarray | torch.Tensor, mirror: bool):
+    """NCHW images, followed by their mirror images when `mirror`: the batch a mirrored answer runs."""
+    if not mirror:
+        return images
+    if isinstance(images, torch.Tensor):
+        return torch.cat([images, images.flip(-1)])
+    return np.ascontiguousarray(np.concatenate([images, images[..., ::-1]]))
 
 
 def onnx_peak_memory(path: Path, input_name: str, batch: np.ndarray, device: str,
@@ -166,17 +181,17 @@ def measure_checkpoint(cand: Candidate, setup: BenchSetup, backends, measured: M
     model, spec = load_checkpoint(cand.path, device)
     base = _model_columns(cand, model, spec, setup)
     base.update(_seen_test_faces(cand.path, setup))
-    frame = predict_store(model, spec, setup.store, setup.test_idx, device=device)
+    frame = predict_store(model, spec, setup.store, setup.test_idx, device=device, mirror=setup.mirror)
     measured.frames[cand.name] = frame
     if setup.labelled:
         base.update(label_metrics(frame))
 
     def predict_fn(st, idx, model=model, spec=spec):
-        return predict_store(model, spec, st, idx, device=device)["age_pred"].to_numpy()
+        return predict_store(model, spec, st, idx, device=device, mirror=setup.mirror)["age_pred"].to_numpy()
 
     measured.predictors[cand.name] = predict_fn
-    inputs_by_batch = {b: to_input(setup.faces[:b], spec.input_size, spec.mean, spec.std, device=device)
-                       for b in setup.batch_sizes}
+    inputs_by_batch = {b: with_mirror(to_input(setup.faces[:b], spec.input_size, spec.mean, spec.std, device=device),
+                                      setup.mirror) for b in setup.batch_sizes}
     for backend in backends:
         measured.rows.append(_backend_row(base, backend, cand, model, spec, inputs_by_batch, setup))
 
@@ -201,7 +216,7 @@ def _model_columns(cand: Candidate, model, spec, setup: BenchSetup) -> dict[str,
     base = {"model": cand.name, "role": cand.role, "arch": spec.arch, "encoding": spec.encoding.get("name"),
             "input_size": spec.input_size, "params_m": count_parameters(model) / 1e6,
             "file_mb": cand.path.stat().st_size / 2 ** 20, "path": str(cand.path), "device": device,
-            "threads": setup.threads}
+            "threads": setup.threads, "mirror": setup.mirror}
     flops = count_flops(model, to_input(setup.faces[:1], spec.input_size, spec.mean, spec.std, device=device))
     base["gflops"] = None if flops is None else flops / 1e9
     return base

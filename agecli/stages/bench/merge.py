@@ -29,6 +29,7 @@ from agecli.stages.bench.measure import DEFAULT_SETTINGS
 
 # bench options that must match for old and new rows to share a table
 SAME_SETTINGS = tuple(DEFAULT_SETTINGS)
+NEWER_SETTINGS = ("mirror",)   # settings benches recorded only from a later agecli on
 # machine facts that must match (timings from another CPU or runtime do not compare)
 SAME_MACHINE = ("cpu", "cpu_count", "gpu", "torch", "onnxruntime")
 
@@ -81,8 +82,10 @@ def check_same_settings(previous: PreviousBench, args: dict[str, Any], machine: 
                         test_faces: int, data: str) -> None:
     """Refuse to add rows measured differently from the bench's own, saying what differs."""
     old_args = previous.manifest.get("args", {})
-    differ = [f"{key}: {old_args.get(key)!r} there, {args.get(key)!r} now" for key in SAME_SETTINGS
-              if _norm(old_args.get(key)) != _norm(args.get(key))]
+    # a setting added since that bench was measured at its default there (mirror: not mirrored)
+    old = {key: old_args.get(key, DEFAULT_SETTINGS[key] if key in NEWER_SETTINGS else None) for key in SAME_SETTINGS}
+    differ = [f"{key}: {old[key]!r} there, {args.get(key)!r} now" for key in SAME_SETTINGS
+              if _norm(old[key]) != _norm(args.get(key))]
     old_machine = previous.results.get("machine", {})
     differ += [f"machine {key}: {old_machine.get(key)!r} there, {machine.get(key)!r} here" for key in SAME_MACHINE
                if old_machine.get(key) != machine.get(key)]

@@ -13,14 +13,15 @@ import numpy as np
 from agecli.errors import AgecliError
 from agecli.stages.bench.candidates import REFERENCE, Candidate
 from agecli.stages.bench.measure import (BenchSetup, Measured, record_providers, fill_times, onnx_peak_memory,
-                                         time_batches)
+                                         time_batches, with_mirror)
 from agecli.stages.bench.scoring import label_metrics, predict_frame
 
 
 def measure_reference(cand: Candidate, setup: BenchSetup, measured: Measured) -> None:
     """Score and time the reference model; a missing model or package makes a skipped row."""
     row: dict[str, Any] = {"model": cand.name, "role": "reference", "arch": "dlib resnet-10 (CC0)",
-                           "backend": "onnxruntime", "status": "ok", "device": setup.device, "threads": setup.threads}
+                           "backend": "onnxruntime", "status": "ok", "device": setup.device, "threads": setup.threads,
+                           "mirror": setup.mirror}
     try:
         from agecli.stages.teachers import dlib_age_path, load_teacher
 
@@ -29,6 +30,7 @@ def measure_reference(cand: Candidate, setup: BenchSetup, measured: Measured) ->
             warnings.simplefilter("ignore")
             teacher = load_teacher(REFERENCE, device=device)
             notes = teacher.bind(store.alignment.to_dict(), store.size, dataset=store.dataset)
+            teacher.set_mirror(setup.mirror)
         path = dlib_age_path()
         row.update(input_size=teacher.input_size, file_mb=path.stat().st_size / 2 ** 20, path=str(path),
                    params_m=_onnx_params(path), gflops=None, encoding="81 ages 0.25-80",
@@ -52,7 +54,8 @@ def measure_reference(cand: Candidate, setup: BenchSetup, measured: Measured) ->
 def _time_reference(row: dict[str, Any], teacher, path: Path, setup: BenchSetup) -> None:
     small, big = setup.small, setup.big
     x01 = setup.faces.permute(0, 3, 1, 2).float().div(255.0)
-    feed = {b: np.ascontiguousarray(teacher.preprocess(x01[:b]).numpy()) for b in setup.batch_sizes}
+    feed = {b: np.ascontiguousarray(teacher.preprocess(with_mirror(x01[:b], setup.mirror)).numpy())
+            for b in setup.batch_sizes}
     session, out_name, in_name = teacher.session, teacher.output_name, teacher.input_name
     t1, tb = time_batches(setup, lambda: session.run([out_name], {in_name: feed[small]}),
                           lambda: session.run([out_name], {in_name: feed[big]}))

@@ -33,31 +33,33 @@ def bench(run: str | os.PathLike | None = None, *, models: Sequence[str] | None 
           corruption_names: Sequence[str] | None = None, corruption_limit: int | None = None,
           threads: int | None = None, batch_sizes: Sequence[int] | None = None,
           backends: Sequence[str] | None = None, include_reference: bool = True, warmup: int | None = None,
-          repeats: int | None = None, seed: int | None = None, add: bool = False, report: bool = True,
-          progress=None) -> dict[str, Any]:
+          repeats: int | None = None, seed: int | None = None, mirror: bool | None = None, add: bool = False,
+          report: bool = True, progress=None) -> dict[str, Any]:
     """Benchmark the run's models (see `agecli.stages.bench`); writes RUN/bench/ and, unless
     `report=False`, RUN/report.md; returns the results (bench.json's content plus `report`,
     `table` and `measured_now`, the models this call measured). A setting left at None is
     its DEFAULT_SETTINGS value, or with `add` the finished bench's. `add`: measure only the
     models named (else those RUN/bench lacks) and keep the bench's other rows
-    (`agecli.stages.bench.merge`)."""
+    (`agecli.stages.bench.merge`). `mirror`: every model answers each face as the mean over it
+    and its mirror image, scored and timed that way (`agecli.stages.bench.measure`)."""
     run = resolve_run(run)
     previous = read_previous(run) if add else None
     given = dict(device=device, corruptions=corruptions, severities=severities, corruption_names=corruption_names,
                  corruption_limit=corruption_limit, threads=threads, batch_sizes=batch_sizes, backends=backends,
-                 warmup=warmup, repeats=repeats, seed=seed)
+                 warmup=warmup, repeats=repeats, seed=seed, mirror=mirror)
     s = settings(given, previous)
     device, corruptions, severities = s["device"], s["corruptions"], s["severities"]
     corruption_names, corruption_limit, seed = s["corruption_names"], s["corruption_limit"], s["seed"]
     backends, warmup, repeats = s["backends"], s["warmup"], s["repeats"]
-    setup = _bench_setup(run, backends, device, s["threads"], s["batch_sizes"], warmup, repeats)
+    setup = _bench_setup(run, backends, device, s["threads"], s["batch_sizes"], warmup, repeats, s["mirror"])
     if corruptions and not setup.labelled:
         raise AgecliError(f"the test split of run {run} has no age labels (a `folder` run?), and --corruptions "
                           "measures the error against them; bench it without --corruptions (accuracy is then "
                           f"the agreement with the {REFERENCE} reference), or bench a labelled run.")
     args = dict(models=models, device=device, corruptions=corruptions, severities=list(severities),
                 corruption_names=corruption_names, corruption_limit=corruption_limit, threads=setup.threads,
-                batch_sizes=setup.batch_sizes, backends=list(backends), warmup=warmup, repeats=repeats, seed=seed)
+                batch_sizes=setup.batch_sizes, backends=list(backends), warmup=warmup, repeats=repeats, seed=seed,
+                mirror=setup.mirror)
     if previous is not None:
         check_same_settings(previous, args, machine_info(device, setup.threads), len(setup.test_idx),
                             setup.store.fingerprint())
@@ -104,7 +106,7 @@ def _select(run, previous: PreviousBench | None, models, include_reference: bool
     return cands, keep, {**kept_inputs, **model_fingerprints(cands)}
 
 
-def _bench_setup(run, backends, device, threads, batch_sizes, warmup, repeats) -> BenchSetup:
+def _bench_setup(run, backends, device, threads, batch_sizes, warmup, repeats, mirror=False) -> BenchSetup:
     """Check the options, set the thread count and open the run's test faces, in that order."""
     from agecli.store import FaceStore
 
@@ -127,7 +129,7 @@ def _bench_setup(run, backends, device, threads, batch_sizes, warmup, repeats) -
     return BenchSetup(run=run, out_dir=run / "bench", store=store, test_idx=test_idx,
                       faces=_timing_faces(store, test_idx, batch_sizes[-1]), batch_sizes=batch_sizes,
                       device=device, threads=torch.get_num_threads(), warmup=warmup, repeats=repeats,
-                      labelled=bool(store.records["age"].iloc[test_idx].notna().any()))
+                      labelled=bool(store.records["age"].iloc[test_idx].notna().any()), mirror=bool(mirror))
 
 
 def _timing_faces(store, test_idx: np.ndarray, big: int) -> torch.Tensor:
@@ -182,6 +184,7 @@ def _write_results(stage: Stage, setup: BenchSetup, rows: list[dict[str, Any]], 
         "run": str(setup.run), "device": device, "threads": setup.threads, "machine": machine,
         "test_faces": int(len(setup.test_idx)), "data": setup.store.fingerprint(), "accuracy": accuracy,
         "accuracy_note": ACCURACY_NOTES[accuracy],
+        "mirror": setup.mirror,
         "timing": {"warmup": setup.warmup, "repeats": setup.repeats, "batch_sizes": setup.batch_sizes,
                    "memory": mem_methods, "clock": "cuda events" if device.startswith("cuda") else "perf_counter"},
         "rows": rows, "speedups": speedups(rows), "robustness": robust, "plots": plots, "benches": benches,
