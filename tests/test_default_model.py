@@ -61,6 +61,39 @@ def test_its_teachers_graphs_rebuild_from_its_provenance(tmp_path):
         bench_script.teacher_graphs(str(tmp_path / "plain.pt"), tmp_path / "none")
 
 
+def test_it_names_no_machine_path_and_ship_model_makes_sure(tmp_path):
+    """Shipped, the default names its run and teachers relative to the recipe's run folder;
+    tools/ship_model.py rewrites a run's absolute paths so, and refuses any other."""
+    import importlib.util
+
+    import torch
+
+    from agecli.modeling.checkpoint import read_checkpoint
+
+    spec = importlib.util.spec_from_file_location("ship_model", REPO / "tools" / "ship_model.py")
+    ship_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_model)
+    assert ship_model.absolute_paths(read_checkpoint(default_model_path())["spec"]) == []
+
+    run = tmp_path / "somewhere" / "run"
+    payload = read_checkpoint(default_model_path())
+    provenance = payload["spec"]["provenance"]
+    provenance["run"] = str(run)
+    provenance["args"]["teachers"] = [str(run / "train" / "teacher_facerec" / "best.pt")]
+    torch.save(payload, tmp_path / "trained.pt")
+    rewritten = ship_model.ship(tmp_path / "trained.pt", run, "runs/mine", tmp_path / "shipped.pt")
+    assert rewritten == [str(run), str(run / "train" / "teacher_facerec" / "best.pt")]
+    shipped = read_checkpoint(tmp_path / "shipped.pt")
+    assert shipped["spec"]["provenance"]["run"] == "runs/mine"
+    assert shipped["spec"]["provenance"]["args"]["teachers"] == ["runs/mine/train/teacher_facerec/best.pt"]
+    assert torch.equal(shipped["seen_faces"], payload["seen_faces"])
+    model, _ = load_checkpoint(tmp_path / "shipped.pt")
+    assert all(torch.equal(v, payload["state_dict"][k]) for k, v in model.state_dict().items())
+    with pytest.raises(SystemExit, match="absolute paths outside"):
+        ship_model.ship(tmp_path / "trained.pt", tmp_path / "elsewhere", "runs/mine", tmp_path / "refused.pt")
+    assert not (tmp_path / "refused.pt").exists()
+
+
 def test_names_resolve_in_one_place(tmp_path):
     assert resolve_model_ref("default") == default_model_path()
     assert resolve_model_ref("dlib-age") == "dlib-age"
